@@ -1,0 +1,29 @@
+# `make demo` and `make test` are all a fresh clone needs: both create .venv and install on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HEFT := $(VENV)/bin/heft
+STAMP := $(VENV)/.heft-installed
+DEMO_DATA ?= demo_data
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	@$(PY) -c "import megatron.core, streaming, torch" || (echo "heft: install failed" >&2; exit 1)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO_DATA)/manifest.json: $(STAMP)
+	$(HEFT) prepare --demo $(DEMO_DATA)
+
+demo: $(DEMO_DATA)/manifest.json
+	$(HEFT) train configs/demo.yaml data.path=$(DEMO_DATA)
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(DEMO_DATA) runs

@@ -1,0 +1,108 @@
+"""Training batches from prepared domains, through mosaicml-streaming.
+
+One ``Stream`` per domain with the static proportion from the config. Every rank of one
+data-parallel replica (its TP, CP and PP ranks) must see the same batch and different replicas
+disjoint samples: streaming's ``replication=TP*CP*PP`` gives each block of that many *consecutive*
+global ranks identical samples, which is why heft orders ranks data-parallel-outermost
+(``model/parallel.py``). Streaming reads RANK / WORLD_SIZE / LOCAL_WORLD_SIZE from the environment
+torchrun (or heft's Slurm mapping) sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from data.prepare import load_manifest
+
+
+class DataConfigError(ValueError):
+    """The data config does not match the prepared dataset."""
+
+
+@dataclass
+class Batch:
+    """One replica's share of a global batch: ``tokens`` [B, S+1], ``domain`` [B], ``index`` [B]."""
+
+    tokens: torch.Tensor
+    domain: torch.Tensor
+    index: torch.Tensor
+
+    def microbatches(self, micro_batch_size: int) -> list["Batch"]:
+        n = self.tokens.shape[0] // micro_batch_size
+        return [
+            Batch(*(t[i * micro_batch_size:(i + 1) * micro_batch_size] for t in
+                    (self.tokens, self.domain, self.index)))
+            for i in range(n)
+        ]
+
+
+def domain_proportions(manifest: dict, proportions: dict[str, float] | None) -> dict[str, float]:
+    """Normalised weights per domain; None weighs domains by their training tokens."""
+    names = [d["name"] for d in manifest["domains"]]
+    if proportions is None:
+        tokens = {d["name"]: d["train"]["tokens"] for d in manifest["domains"]}
+        total = sum(tokens.values())
+        return {n: tokens[n] / total for n in names}
+    unknown = sorted(set(proportions) - set(names))
+    if unknown:
+        raise DataConfigError(
+            f"data.proportions names unknown domain(s) {unknown}; the prepared data has {names}"
+        )
+    total = sum(proportions.values())
+    return {n: proportions[n] / total for n in names if proportions.get(n, 0) > 0}
+
+
+def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    # A plain dict: StreamingDataLoader counts samples by looking into the collated batch.
+    return {
+        "tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64)),
+        "domain": torch.tensor([int(s["domain"]) for s in samples], dtype=torch.int64),
+        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64),
+    }
+
+
+def check_sequence_length(manifest: dict, seq_length: int, path: str) -> None:
+    if manifest["seq_length"] != seq_length:
+        raise DataConfigError(
+            f"model.seq_length={seq_length} but {path} was prepared with seq_length="
+            f"{manifest['seq_length']}; set model.seq_length={manifest['seq_length']} or re-run "
+            f"heft prepare with --seq-length {seq_length}"
+        )
+
+
+def train_batches(
+    path: str,
+    proportions: dict[str, float] | None,
+    batch_per_replica: int,
+    replication: int,
+    shuffle_seed: int,
+    num_canonical_nodes: int | None = None,
+) -> Iterator[Batch]:
+    """Endless iterator of this replica's per-step batches, epoch after epoch."""
+    from streaming import StreamingDataLoader, StreamingDataset, Stream
+
+    manifest = load_manifest(path)
+    weights = domain_proportions(manifest, proportions)
+    streams = [
+        Stream(local=str(Path(path) / name / "train"), proportion=weight)
+        for name, weight in weights.items()
+    ]
+    dataset = StreamingDataset(
+        streams=streams,
+        batch_size=batch_per_replica,
+        shuffle=True,
+        shuffle_seed=shuffle_seed,
+        num_canonical_nodes=num_canonical_nodes,
+        replication=replication if replication > 1 else None,
+    )
+    loader = StreamingDataLoader(
+        dataset, batch_size=batch_per_replica, collate_fn=_collate, num_workers=0, drop_last=True
+    )
+    while True:
+        for collated in loader:
+            yield Batch(**collated)

@@ -1,0 +1,142 @@
+"""The ``heft`` command.
+
+    heft train CONFIG [key=value ...]     train; launches torchrun itself unless already a worker
+    heft prepare --demo OUT               build the embedded demo corpus
+    heft prepare --domain NAME=PATH[,PATH] ... --out OUT [--tokenizer byte|bpe]
+    heft config CONFIG [key=value ...]    print the resolved, validated config
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+
+class UsageError(Exception):
+    pass
+
+
+def _check_before_launch(cfg) -> None:
+    """Checks that need the data but no processes, so a bad run fails before torchrun starts."""
+    from data.loader import check_sequence_length, domain_proportions
+    from data.prepare import load_manifest
+
+    manifest = load_manifest(cfg.data.path)
+    check_sequence_length(manifest, cfg.model.seq_length, cfg.data.path)
+    domain_proportions(manifest, cfg.data.proportions)
+
+
+def torchrun_command(args, cfg) -> list[str]:
+    nproc = args.nproc_per_node or cfg.parallel.model_parallel_size() * (cfg.parallel.data or 1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if args.nnodes > 1:
+        if not args.rdzv_endpoint:
+            raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        cmd += [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "launcher.worker", args.config, *args.overrides]
+
+
+def cmd_train(args) -> int:
+    from launcher.config import load_config, validate
+    from launcher.environment import prepare_worker_environment
+
+    if prepare_worker_environment():
+        from launcher.worker import main as worker_main
+
+        return worker_main([args.config, *args.overrides])
+    cfg = load_config(args.config, args.overrides)
+    nproc = args.nproc_per_node or cfg.parallel.model_parallel_size() * (cfg.parallel.data or 1)
+    validate(cfg, world_size=nproc * args.nnodes)
+    _check_before_launch(cfg)
+    cmd = torchrun_command(args, cfg)
+    print("heft: launching", " ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)  # torchrun takes over this process: signals reach it directly
+
+
+def cmd_prepare(args) -> int:
+    from data.prepare import prepare, read_documents
+
+    if bool(args.demo) == bool(args.domain):
+        raise UsageError("give either --demo OUT or one or more --domain NAME=PATH[,PATH] with --out")
+    if args.demo:
+        from data.demo_corpus import demo_documents
+
+        domains, out = demo_documents(), args.demo
+    else:
+        if not args.out:
+            raise UsageError("--domain needs --out DIR")
+        domains = {}
+        for spec in args.domain:
+            name, sep, paths = spec.partition("=")
+            if not sep or not name or not paths:
+                raise UsageError(f"--domain {spec!r} is not NAME=PATH[,PATH...]")
+            domains[name] = read_documents(paths.split(","))
+        out = args.out
+    manifest = prepare(domains, out, tokenizer=args.tokenizer, seq_length=args.seq_length,
+                       bpe_vocab_size=args.vocab_size, val_fraction=args.val_fraction)
+    for d in manifest["domains"]:
+        print(f"{d['name']:>12}: {d['documents']} documents -> {d['train']['samples']} train / "
+              f"{d['val']['samples']} val samples of {manifest['seq_length'] + 1} tokens")
+    print(f"wrote {out} (tokenizer {manifest['tokenizer']['kind']}, vocab {manifest['tokenizer']['vocab_size']})")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from launcher.config import load_config
+
+    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heft", description="Megatron-style pretraining with loss-based reweighting")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (launches torchrun unless already a worker)")
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tensor=2")
+    train.add_argument("--nproc-per-node", type=int, default=None,
+                       help="processes on this node (default: TP*PP*CP*DP of the config)")
+    train.add_argument("--nnodes", type=int, default=1)
+    train.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT for multi-node rendezvous")
+    train.add_argument("--rdzv-id", default="heft")
+    train.set_defaults(func=cmd_train)
+
+    prep = sub.add_parser("prepare", help="tokenize and pack text into per-domain MDS datasets")
+    prep.add_argument("--demo", metavar="OUT", help="build the embedded demo corpus into OUT")
+    prep.add_argument("--domain", action="append", metavar="NAME=PATH[,PATH]",
+                      help="a domain and its .txt/.jsonl files or directories (repeatable)")
+    prep.add_argument("--out", help="output directory (with --domain)")
+    prep.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
+    prep.add_argument("--seq-length", type=int, default=128)
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    prep.add_argument("--val-fraction", type=float, default=0.02)
+    prep.set_defaults(func=cmd_prepare)
+
+    show = sub.add_parser("config", help="print the resolved, validated config")
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data.loader import DataConfigError
+    from launcher.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ConfigError, DataConfigError, UsageError, FileNotFoundError, FileExistsError) as exc:
+        print(f"heft: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Build heft's Llama-style GPT from megatron-core: TransformerConfig, layer spec, model chunks, DDP.
+
+Llama block = RMSNorm pre-norm, SwiGLU MLP, rotary position embeddings, no linear biases,
+optional grouped-query attention, tied or untied embeddings. The Transformer Engine layer spec is
+used when TE is importable and CUDA is present; megatron-core's local spec otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from launcher.config import HeftConfig
+
+
+@dataclass(frozen=True)
+class Backends:
+    """Optional GPU accelerations that are present in this process."""
+
+    cuda: bool
+    transformer_engine: bool
+    apex: bool
+
+    @classmethod
+    def detect(cls) -> "Backends":
+        cuda = torch.cuda.is_available()
+        return cls(cuda=cuda, transformer_engine=cuda and _importable("transformer_engine"),
+                   apex=cuda and _importable("apex.normalization"))
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:  # an unrelated PyPI 'apex' or a broken TE install both count as absent
+        return False
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Round the vocabulary up so that every TP rank gets an equal slice.
+
+    heft pads to a multiple of lcm(divisible_by, TP), not divisible_by*TP as Megatron-LM does, so
+    the padded size (and with it the softmax over logits) does not change with the TP size.
+    """
+    multiple = math.lcm(divisible_by, tensor_parallel)
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def resolve_dtype(precision: str, backends: Backends) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if backends.cuda else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def transformer_config(cfg: HeftConfig, backends: Backends):
+    from megatron.core.transformer import TransformerConfig
+
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dtype = resolve_dtype(t.precision, backends)
+    fused = backends.cuda  # torch-jit fusions: fine on CUDA, pointless overhead on CPU
+    recompute = {}
+    if t.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif t.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        # heft initialises weights itself, layout-invariantly (model/init.py).
+        perform_initialization=False,
+        use_cpu_initialization=not backends.cuda,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        context_parallel_size=p.context,
+        sequence_parallel=False,
+        batch_p2p_comm=p.batch_p2p_comm,
+        overlap_p2p_comm=not p.batch_p2p_comm and p.virtual_pipeline is not None,
+        # Exact token-mean over the global batch: the schedule hands the token count to
+        # finalize_model_grads, which divides once by the all-reduced total.
+        calculate_per_token_loss=True,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bias_activation_fusion=fused,
+        masked_softmax_fusion=backends.transformer_engine or backends.apex,
+        persist_layer_norm=backends.apex,
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=backends.transformer_engine,
+        gradient_accumulation_fusion=backends.apex,
+        **recompute,
+    )
+
+
+def layer_spec(backends: Backends):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if backends.transformer_engine:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model_chunks(cfg: HeftConfig, vocab_size: int, backends: Backends) -> list[torch.nn.Module]:
+    """One GPTModel per virtual pipeline chunk this rank holds, wrapped in megatron-core DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    from model.init import initialize_weights
+
+    tconfig = transformer_config(cfg, backends)
+    spec = layer_spec(backends)
+    vpp = cfg.parallel.virtual_pipeline
+    padded_vocab = padded_vocab_size(
+        vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor
+    )
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        gpt = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=stage,
+        )
+        if backends.cuda:
+            gpt.cuda(torch.cuda.current_device())
+        initialize_weights(gpt, cfg, tconfig)
+        module = Float16Module(tconfig, gpt) if tconfig.bf16 else gpt
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )
+        chunks.append(
+            DistributedDataParallel(
+                tconfig, ddp_config, module,
+                # Only the first chunk starts reducing early; as in Megatron-LM.
+                disable_bucketing=vp_stage > 0,
+            )
+        )
+    _wire_schedule_hooks(tconfig, chunks)
+    return chunks
+
+
+def _wire_schedule_hooks(tconfig, chunks) -> None:
+    """Let the pipeline schedules drive DDP: defer grad sync to the last microbatch, then finalize."""
+    from megatron.core.distributed import finalize_model_grads
+
+    no_sync = [c.no_sync for c in chunks]
+    start_sync = [c.start_grad_sync for c in chunks]
+    tconfig.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
+    tconfig.grad_sync_func = start_sync[0] if len(chunks) == 1 else start_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+
+
+def unwrap(chunk: torch.nn.Module):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
