@@ -165,6 +165,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             _coerce(k, key_type, where): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()
         }
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -21,11 +21,25 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def replica_batches(cfg: HeftConfig, data_parallel: int):
+    """This rank's per-step batches: its replica's share of each global batch."""
+    from data.loader import train_batches
+
+    return train_batches(
+        cfg.data.path,
+        cfg.data.proportions,
+        batch_per_replica=cfg.train.micro_batch_size * num_microbatches(cfg, data_parallel),
+        replication=cfg.parallel.model_parallel_size(),
+        shuffle_seed=cfg.data.shuffle_seed,
+        num_canonical_nodes=cfg.data.num_canonical_nodes,
+    )
+
+
 def train(cfg: HeftConfig) -> list[dict]:
     """Train for ``cfg.train.steps`` steps. Returns the logged records (identical on every rank)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from data.loader import check_sequence_length, train_batches
+    from data.loader import check_sequence_length
     from data.prepare import load_manifest
     from model import cpu_compat
     from model.build import Backends, build_model_chunks, resolve_dtype
@@ -40,15 +54,7 @@ def train(cfg: HeftConfig) -> list[dict]:
     vocab_size = manifest["tokenizer"]["vocab_size"]
 
     t, m = cfg.train, cfg.model
-    n_micro = num_microbatches(cfg, layout.data_parallel)
-    batches = train_batches(
-        cfg.data.path,
-        cfg.data.proportions,
-        batch_per_replica=t.micro_batch_size * n_micro,
-        replication=cfg.parallel.model_parallel_size(),
-        shuffle_seed=cfg.data.shuffle_seed,
-        num_canonical_nodes=cfg.data.num_canonical_nodes,
-    )
+    batches = replica_batches(cfg, layout.data_parallel)
     chunks = build_model_chunks(cfg, vocab_size, backends)
     bf16 = resolve_dtype(t.precision, backends) == torch.bfloat16
     optimizer, scheduler = build_optimizer(cfg, chunks, bf16)

@@ -80,8 +80,10 @@ def transformer_config(cfg: HeftConfig, backends: Backends):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
-        # heft initialises weights itself, layout-invariantly (model/init.py).
-        perform_initialization=False,
+        # megatron-core initialises too, although heft overwrites every weight layout-invariantly
+        # (model/init.py): its initialisers are what mark TP-sharded weights
+        # (`tensor_model_parallel`, `partition_dim`); without them the grad norm under TP is wrong.
+        perform_initialization=True,
         use_cpu_initialization=not backends.cuda,
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,

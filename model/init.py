@@ -79,8 +79,9 @@ def initialize_weights(gpt, cfg, tconfig) -> None:
         dim = 1 if scaled else 0 if name.endswith(_COLUMN_PARALLEL) else None
         if dim is None:
             raise RuntimeError(f"heft init has no sharding rule for parameter {local_name}")
-        if getattr(param, "tensor_model_parallel", False):
-            assert getattr(param, "partition_dim", dim) == dim, f"unexpected sharding of {local_name}"
+        if tp_size > 1 and not (getattr(param, "tensor_model_parallel", False)
+                                and param.partition_dim == dim):
+            raise RuntimeError(f"megatron-core shards {local_name} differently than heft's init assumes")
         global_shape = list(param.shape)
         global_shape[dim] *= tp_size
         if name.endswith("linear_fc1.weight") and tconfig.gated_linear_unit:

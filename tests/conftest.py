@@ -1,0 +1,59 @@
+"""Shared fixtures: a small prepared corpus and a helper that runs real `heft train` jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def heft_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def run_heft(args: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real `heft` CLI in a subprocess (it launches torchrun itself)."""
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, env=heft_env(),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"heft {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """The demo corpus with small per-domain budgets, byte tokenizer, seq_length 64."""
+    from data.demo_corpus import demo_documents
+    from data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("corpus") / "data"
+    prepare(demo_documents({"code": 300_000, "docs": 150_000, "legal": 150_000}), out,
+            tokenizer="byte", seq_length=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config(tmp_path_factory, small_corpus) -> Path:
+    path = tmp_path_factory.mktemp("configs") / "tiny.yaml"
+    path.write_text(f"""
+model: {{preset: tiny, seq_length: 64}}
+data: {{path: {small_corpus}, proportions: {{code: 0.5, docs: 0.25, legal: 0.25}}, num_canonical_nodes: 1}}
+train: {{steps: 3, global_batch_size: 8, micro_batch_size: 2, log_interval: 1, tensorboard: false}}
+optim: {{lr: 3.0e-3, warmup_steps: 0}}
+""")
+    return path

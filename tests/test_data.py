@@ -1,0 +1,113 @@
+"""Data: tokenizer round trips through prepared MDS shards; replica/rank distribution; proportions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, heft_env, run_heft
+from data.prepare import load_manifest, prepare, read_documents
+from data.tokenizer import EOS_TEXT, load_tokenizer
+
+DOCS = {
+    "prose": ["Hello, world!\nSecond line with ünïcödé and emoji 🚀.", "  leading spaces\tand tabs  ",
+              "Ἐν ἀρχῇ ἦν ὁ λόγος " * 20],
+    "code": ["def f(x):\n    return x ** 2  # square\n" * 15, "print('done')\n"],
+}
+
+
+def _read_split(directory: Path) -> np.ndarray:
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(directory), shuffle=False, batch_size=1)
+    return np.stack([ds[i]["tokens"] for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_prepare_round_trips_text(tmp_path, kind):
+    out = tmp_path / kind
+    manifest = prepare(DOCS, out, tokenizer=kind, seq_length=16, bpe_vocab_size=300, val_fraction=0.2)
+    tok = load_tokenizer(out, manifest["tokenizer"])
+    assert manifest["tokenizer"]["kind"] == kind
+    for domain in manifest["domains"]:
+        name = domain["name"]
+        rows = np.concatenate([_read_split(out / name / s) for s in ("train", "val")])
+        assert rows.shape[1] == 17
+        assert rows.shape[0] == domain["train"]["samples"] + domain["val"]["samples"]
+        stream = rows.reshape(-1).tolist()
+        # Split the packed stream on EOS: every complete document comes back exactly.
+        docs, current = [], []
+        for token in stream:
+            if token == tok.eos_id:
+                docs.append(tok.decode(current))
+                current = []
+            else:
+                current.append(token)
+        assert docs == DOCS[name][: len(docs)] and len(docs) >= 1
+        assert tok.decode(tok.encode(DOCS[name][-1])) == DOCS[name][-1]
+
+
+def test_bpe_tokenizer_is_saved_beside_data(tmp_path):
+    prepare(DOCS, tmp_path / "d", tokenizer="bpe", seq_length=16, bpe_vocab_size=300)
+    manifest = load_manifest(tmp_path / "d")
+    assert (tmp_path / "d" / manifest["tokenizer"]["file"]).is_file()
+    assert load_tokenizer(tmp_path / "d", manifest["tokenizer"]).encode(EOS_TEXT) == [manifest["tokenizer"]["eos_id"]]
+
+
+def test_read_documents_txt_jsonl_and_dirs(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.txt").write_text("one")
+    (tmp_path / "a" / "2.jsonl").write_text(json.dumps({"text": "two"}) + "\n" + json.dumps({"text": "three"}) + "\n")
+    assert read_documents([tmp_path / "a"]) == ["one", "two", "three"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_documents([tmp_path / "missing.txt"])
+
+
+def test_cli_prepare_from_files(tmp_path):
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document number {i} " * 10}) + "\n" for i in range(30)))
+    run_heft(["prepare", "--domain", f"web={src}", "--out", str(tmp_path / "out"), "--tokenizer", "bpe",
+              "--vocab-size", "300", "--seq-length", "32"], timeout=120)
+    manifest = load_manifest(tmp_path / "out")
+    assert [d["name"] for d in manifest["domains"]] == ["web"] and manifest["domains"][0]["train"]["samples"] > 0
+
+
+def _dump(tmp_path, config, layout, nproc, steps):
+    out = tmp_path / "dump"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(REPO / "tests" / "workers" / "dump_batches.py"), str(out), str(steps), str(config), *layout]
+    proc = subprocess.run(cmd, env=heft_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.tensor=2", "parallel.data=2"],
+    ["parallel.pipeline=2", "parallel.data=2"],
+])
+def test_replica_ranks_share_samples_and_replicas_are_disjoint(tmp_path, tiny_train_config, layout):
+    ranks = _dump(tmp_path, tiny_train_config, layout, nproc=4, steps=20)
+    by_replica: dict[int, list] = {}
+    for r in ranks:
+        by_replica.setdefault(r["dp_rank"], []).append(r["batches"])
+    assert sorted(by_replica) == [0, 1]
+    for dp, members in by_replica.items():
+        assert len(members) == 2 and members[0] == members[1], f"ranks of replica {dp} differ"
+    samples = [{tuple(s) for batch in by_replica[dp][0] for s in batch} for dp in (0, 1)]
+    assert len(samples[0]) == 20 * 4 and not samples[0] & samples[1]
+
+
+def test_static_proportions_hold(tmp_path, tiny_train_config):
+    ranks = _dump(tmp_path, tiny_train_config, ["parallel.data=2"], nproc=2, steps=150)
+    domains = Counter(d for r in ranks for batch in r["batches"] for d, _ in batch)
+    total = sum(domains.values())  # 150 steps x 8 samples
+    for domain_id, want in {0: 0.5, 1: 0.25, 2: 0.25}.items():
+        sigma = (want * (1 - want) / total) ** 0.5
+        assert abs(domains[domain_id] / total - want) < 4 * sigma + 1e-3, (domains, total)
