@@ -19,8 +19,9 @@ install: $(STAMP)
 $(DEMO_DATA)/manifest.json: $(STAMP)
 	$(HEFT) prepare --demo $(DEMO_DATA)
 
+# DEMO_ARGS: extra key=value overrides (CI shortens the run with train.steps=...).
 demo: $(DEMO_DATA)/manifest.json
-	$(HEFT) train configs/demo.yaml data.path=$(DEMO_DATA)
+	$(HEFT) train configs/demo.yaml data.path=$(DEMO_DATA) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -29,8 +29,16 @@ def _check_before_launch(cfg) -> None:
     domain_proportions(manifest, cfg.data.proportions)
 
 
+def processes_per_node(args, cfg) -> int:
+    if args.nproc_per_node:
+        return args.nproc_per_node
+    if args.nnodes > 1:
+        raise UsageError("multi-node launches need --nproc-per-node (usually the GPUs per node)")
+    return cfg.parallel.model_parallel_size() * (cfg.parallel.data or 1)
+
+
 def torchrun_command(args, cfg) -> list[str]:
-    nproc = args.nproc_per_node or cfg.parallel.model_parallel_size() * (cfg.parallel.data or 1)
+    nproc = processes_per_node(args, cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if args.nnodes > 1:
         if not args.rdzv_endpoint:
@@ -51,8 +59,7 @@ def cmd_train(args) -> int:
 
         return worker_main([args.config, *args.overrides])
     cfg = load_config(args.config, args.overrides)
-    nproc = args.nproc_per_node or cfg.parallel.model_parallel_size() * (cfg.parallel.data or 1)
-    validate(cfg, world_size=nproc * args.nnodes)
+    validate(cfg, world_size=processes_per_node(args, cfg) * args.nnodes)
     _check_before_launch(cfg)
     cmd = torchrun_command(args, cfg)
     print("heft: launching", " ".join(cmd), flush=True)

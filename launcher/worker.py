@@ -9,7 +9,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.loader import DataConfigError
     from launcher.config import ConfigError, load_config
     from launcher.environment import prepare_worker_environment
-    from launcher.train import train
+    from launcher.train import NonFiniteLossError, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataConfigError, FileNotFoundError) as exc:
         print(f"heft: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:
+        print(f"heft: stopped: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

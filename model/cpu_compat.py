@@ -15,7 +15,10 @@ cluster runs. Forking megatron-core is not an option, so this module remaps, in 
   type assertions written for GPUs hold for the CPU stand-in;
 * ``torch.cuda.current_device`` / ``synchronize`` / stream helpers: harmless CPU answers;
 * the RNG tracker: a subclass whose named states are CPU generator states (dropout and weight init
-  inside ``tracker.fork()`` then draw from the CPU generator, as they would from the CUDA one).
+  inside ``tracker.fork()`` then draw from the CPU generator, as they would from the CUDA one);
+* activation recompute: torch function modes are thread-local and autograd runs ``backward`` where
+  the mode is not in effect, so megatron's checkpoint functions, which rerun the forward inside
+  ``backward``, get the mode re-entered around their backward.
 
 It is switched on by :func:`enable_if_no_cuda` and only when ``torch.cuda.is_available()`` is False;
 on a GPU machine nothing here is touched. Cost on CPU: roughly 10% per op for the mode dispatch.
@@ -101,6 +104,19 @@ def _install_cpu_rng_tracker() -> None:
     mpu_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _recompute_under_mode() -> None:
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    for cls in (mpu_random.CheckpointFunction, mpu_random.CheckpointWithoutOutputFunction):
+        backward = cls.backward
+
+        def backward_with_mode(ctx, *grads, _backward=backward):
+            with _CudaAsCpuMode():
+                return _backward(ctx, *grads)
+
+        cls.backward = staticmethod(backward_with_mode)
+
+
 def _patch_torch_cuda_queries() -> None:
     """Answer the torch.cuda calls megatron-core makes for bookkeeping, not for compute."""
     torch.cuda.current_device = lambda: 0
@@ -165,6 +181,7 @@ def enable_if_no_cuda() -> bool:
     if _ACTIVE_MODE is None:
         _patch_torch_cuda_queries()
         _install_cpu_rng_tracker()
+        _recompute_under_mode()
         _ACTIVE_MODE = _CudaAsCpuMode()
         _ACTIVE_MODE.__enter__()
         log.info("heft CPU compatibility layer active: megatron-core 'cuda' maps to CPU")

@@ -80,3 +80,10 @@ def test_cli_rejects_data_mismatch(tiny_train_config, small_corpus):
     assert proc.returncode == 2 and "unknown domain(s) ['wiki']" in proc.stderr
     proc = run_heft(["train", str(tiny_train_config), "data.path=/nonexistent"], check=False, timeout=60)
     assert proc.returncode == 2 and "is not a prepared dataset; run `heft prepare" in proc.stderr
+
+
+@pytest.mark.parametrize("name, world_size", [("demo", 4), ("125m", 8), ("1b", 16), ("1.4b", 64), ("7b", 128)])
+def test_shipped_configs_are_valid(name, world_size):
+    from conftest import REPO
+
+    validate(load_config(REPO / "configs" / f"{name}.yaml"), world_size)

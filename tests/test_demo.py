@@ -1,0 +1,25 @@
+"""`make demo` itself, shortened: builds the embedded corpus, trains on 4 processes, loss falls."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import REPO, heft_env, read_metrics
+
+
+def test_make_demo_trains_and_loss_falls(tmp_path):
+    data, run = tmp_path / "demo_data", tmp_path / "run"
+    proc = subprocess.run(
+        ["make", "demo", f"DEMO_DATA={data}",
+         f"DEMO_ARGS=train.steps=60 train.log_interval=20 train.run_dir={run}"],
+        cwd=REPO, env=heft_env(), capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert [d["name"] for d in manifest["domains"]] == ["code", "docs", "legal"]
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [20, 40, 60]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5, records
+    assert "step     60 | loss" in proc.stdout  # the console line
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))

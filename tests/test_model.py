@@ -1,0 +1,84 @@
+"""The model in one process: causal attention, FLOPs counting, vocab padding, CPU compat layer."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from launcher.config import load_config
+from model.build import Backends, build_model_chunks, padded_vocab_size, unwrap
+from model.flops import flops_per_token
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from model import cpu_compat
+    from model.parallel import initialize, shutdown
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    cpu_compat.enable_if_no_cuda()
+    cfg = load_config(None, ["model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=2"])
+    initialize(cfg)
+    chunks = build_model_chunks(cfg, vocab_size=257, backends=Backends.detect())
+    yield cfg, unwrap(chunks[0])
+    shutdown()
+
+
+def test_attention_is_causal(tiny_model):
+    _, gpt = tiny_model
+    tokens = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(0))
+    def losses(t):
+        pos = torch.arange(32).unsqueeze(0).expand(2, -1)
+        with torch.no_grad():
+            return gpt(t[:, :-1], pos, None, labels=t[:, 1:])
+    base = losses(tokens)
+    changed = tokens.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 257  # input position 20, label of position 19
+    after = losses(changed)
+    assert torch.equal(base[:, :19], after[:, :19])
+    assert not torch.equal(base[:, 19:], after[:, 19:])
+
+
+def test_flops_per_token_matches_the_built_model(tiny_model):
+    cfg, gpt = tiny_model
+    m = cfg.model
+    # Every matmul weight does 2 FLOPs per token forward, 6 with backward; the logits use the
+    # (tied) embedding matrix; attention adds 2 matmuls of s x h per layer.
+    matmul_params = sum(p.numel() for n, p in gpt.named_parameters()
+                        if p.dim() == 2 and "word_embeddings" not in n)
+    vocab = padded_vocab_size(257, m.make_vocab_size_divisible_by, 1)
+    expected = 6 * matmul_params + 6 * vocab * m.hidden_size + 12 * m.num_layers * m.seq_length * m.hidden_size
+    got = flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
+                          m.num_query_groups, m.seq_length, vocab)
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_7b_flops_are_about_six_times_parameters():
+    # Llama-2-7B: 6.74e9 parameters; at s=4096 attention adds ~16% over 6N.
+    got = flops_per_token(32, 4096, 11008, 32, 32, 4096, 32000)
+    assert 6 * 6.74e9 * 1.1 < got < 6 * 6.74e9 * 1.25
+
+
+def test_vocab_padding_does_not_depend_on_tensor_parallel_size():
+    assert {padded_vocab_size(257, 128, tp) for tp in (1, 2, 4, 8)} == {384}
+    assert padded_vocab_size(50257, 128, 8) == 50304
+
+
+def test_cpu_compat_maps_cuda_allocations_to_cpu(tiny_model):
+    from model import cpu_compat
+
+    assert cpu_compat.is_active() != torch.cuda.is_available()
+    if cpu_compat.is_active():
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+        assert torch.ones(1, device=torch.cuda.current_device()).device.type == "cpu"
+        assert torch.zeros(1).cuda().device.type == "cpu"
