@@ -24,6 +24,7 @@ def tiny_model():
     from model import cpu_compat
     from model.parallel import initialize, shutdown
 
+    saved = dict(os.environ)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     cpu_compat.enable_if_no_cuda()
@@ -32,6 +33,8 @@ def tiny_model():
     chunks = build_model_chunks(cfg, vocab_size=257, backends=Backends.detect())
     yield cfg, unwrap(chunks[0])
     shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_attention_is_causal(tiny_model):
