@@ -107,6 +107,35 @@ class OptimConfig:
 
 
 @dataclass
+class ReweightConfig:
+    """Loss-based per-sample reweighting inside the data-parallel loss reduction (reweighting/)."""
+
+    strategy: str = "none"
+    """none (plain token mean), linupper, quadratic, extremes, softmax (IR-DRO) or infobatch."""
+    scope: str = "global"
+    """global: weights normalised over the whole global batch, min/max from the previous step
+    (layout-invariant); microbatch: statistics of the current microbatch across DP (the paper)."""
+    delta: float = 1.0
+    """Half-width d of the min-max normalised loss range [-d, d]."""
+    temperature: float = 1.0
+    """Softmax temperature r (target value after warm-up/annealing); larger is more uniform."""
+    temperature_schedule: str = "constant"
+    """constant, linear or cosine from temperature_start to temperature over anneal_steps."""
+    temperature_start: float = 100.0
+    anneal_steps: int = 0
+    warmup_steps: int = 0
+    """Steps at the start with reweighting off (uniform weights; statistics are still gathered)."""
+    warmup_mode: str = "off"
+    """off: uniform weights during warm-up; hold: reweight with r = temperature_start."""
+    keep_ratio: float = 0.5
+    """infobatch: probability of keeping a below-mean-loss sample (kept ones weigh 1/keep_ratio)."""
+    running_mean_momentum: float = 0.9
+    """infobatch: EMA momentum of the running mean loss samples are compared with."""
+    log_sample_weights: bool = False
+    """Write every sample's (domain, index, loss, weight) per step under RUN_DIR/sample_weights/."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     global_batch_size: int = 8
@@ -123,6 +152,10 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Where metrics.jsonl and tensorboard/ are written."""
     tensorboard: bool = True
+    on_nonfinite_loss: str = "error"
+    """A NaN/inf sample loss: error (stop before the update) or skip (drop the step, count it;
+    still an error after max_consecutive_skips in a row)."""
+    max_consecutive_skips: int = 10
 
 
 @dataclass
@@ -132,6 +165,7 @@ class HeftConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -355,11 +389,41 @@ def validate(cfg: HeftConfig, world_size: int | None = None) -> None:
     o = cfg.optim
     if not (o.lr > 0 and math.isfinite(o.lr)) or o.min_lr < 0 or o.min_lr > o.lr:
         raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})")
+    if t.on_nonfinite_loss not in ("error", "skip"):
+        raise ConfigError(f"train.on_nonfinite_loss must be error or skip, got {t.on_nonfinite_loss!r}")
+    _validate_reweight(cfg.reweight)
     if cfg.data.proportions is not None:
         if not cfg.data.proportions or any(v < 0 for v in cfg.data.proportions.values()):
             raise ConfigError("data.proportions must map domain names to non-negative weights")
         if sum(cfg.data.proportions.values()) <= 0:
             raise ConfigError("data.proportions must have a positive total")
+
+
+def _validate_reweight(r: ReweightConfig) -> None:
+    from reweighting.strategies import STRATEGIES
+
+    if r.strategy != "none" and r.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"reweight.strategy={r.strategy!r} is unknown; known: none, {', '.join(sorted(STRATEGIES))}"
+        )
+    if r.scope not in ("global", "microbatch"):
+        raise ConfigError(f"reweight.scope must be global or microbatch, got {r.scope!r}")
+    for name in ("temperature", "temperature_start", "delta"):
+        value = getattr(r, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"reweight.{name} must be a positive finite number, got {value}")
+    if r.temperature_schedule not in ("constant", "linear", "cosine"):
+        raise ConfigError(
+            f"reweight.temperature_schedule must be constant, linear or cosine, got {r.temperature_schedule!r}"
+        )
+    if r.warmup_mode not in ("off", "hold"):
+        raise ConfigError(f"reweight.warmup_mode must be off or hold, got {r.warmup_mode!r}")
+    if not 0 < r.keep_ratio <= 1:
+        raise ConfigError(f"reweight.keep_ratio must be in (0, 1], got {r.keep_ratio}")
+    if not 0 <= r.running_mean_momentum < 1:
+        raise ConfigError(f"reweight.running_mean_momentum must be in [0, 1), got {r.running_mean_momentum}")
+    if r.warmup_steps < 0 or r.anneal_steps < 0:
+        raise ConfigError("reweight.warmup_steps and reweight.anneal_steps must be >= 0")
 
 
 def num_microbatches(cfg: HeftConfig, data_parallel: int) -> int:

@@ -25,8 +25,9 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
-    def log(self, record: dict) -> None:
-        """``record`` must hold ``step``; every other numeric field becomes a TensorBoard scalar."""
+    def log(self, record: dict, histogram: dict | None = None) -> None:
+        """``record`` must hold ``step``; every other numeric field becomes a TensorBoard scalar.
+        ``histogram`` (the per-sample relative weights) becomes a TensorBoard histogram."""
         if not self.enabled:
             return
         step = record["step"]
@@ -35,7 +36,19 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, step)
+            if histogram is not None:
+                self._tb.add_histogram_raw("reweight/sample_weight", global_step=step, **histogram)
         print(format_console_line(record), flush=True)
+
+    def write_sample_weights(self, step: int, rank: int, rows: list[tuple]) -> None:
+        """Per-sample (domain, index, loss, relative weight) rows; any rank that owns samples writes
+        its own file, so this does not depend on ``enabled``."""
+        directory = self.run_dir / "sample_weights"
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / f"rank{rank}.jsonl", "a") as f:
+            for domain, index, loss, weight in rows:
+                f.write(json.dumps({"step": step, "domain": domain, "index": index, "loss": loss,
+                                    "weight": weight}) + "\n")
 
     def close(self) -> None:
         if self._jsonl:
@@ -55,6 +68,8 @@ def format_console_line(r: dict) -> str:
     ]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("reweighting_active"):
+        parts.append(f"w [{r['weight_min']:.2f}, {r['weight_max']:.2f}] ess {r['ess_fraction']:.3f} r {r['temperature']:.3g}")
     if r.get("skipped_steps"):
         parts.append(f"skipped {r['skipped_steps']}")
     return " | ".join(parts)

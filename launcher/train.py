@@ -1,12 +1,12 @@
 """The training loop. Runs in every worker process (under torchrun or srun).
 
-    set up:  process groups -> data -> model chunks (DDP) -> optimizer + LR schedule -> metrics
-    loop:    next batch -> train_step (pipeline schedule, grad reduction, optimizer) -> log
+    set up:  process groups -> data -> model chunks (DDP) -> optimizer + LR schedule
+             -> loss reduction (plain mean or loss-based reweighting) -> metrics
+    loop:    next batch -> train_step (schedule, weighted loss, grad reduction, optimizer) -> log
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -14,7 +14,7 @@ import torch
 from launcher.config import HeftConfig, num_microbatches
 from launcher.metrics import MetricsWriter
 from launcher.optim import build_optimizer, current_lr
-from launcher.step import train_step
+from launcher.step import StepResult, device, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,9 +35,44 @@ def replica_batches(cfg: HeftConfig, data_parallel: int):
     )
 
 
+def build_loss_reduction(cfg: HeftConfig, layout, domain_names: list[str]):
+    from megatron.core import parallel_state as ps
+
+    from reweighting.reduction import LossReduction, Roles
+
+    roles = Roles(
+        dp_group=ps.get_data_parallel_group(),
+        cp_group=ps.get_context_parallel_group() if cfg.parallel.context > 1 else None,
+        cp_size=cfg.parallel.context,
+        is_last_stage=layout.is_last_stage,
+        tensor_rank0=layout.tp_rank == 0,
+        cp_rank0=layout.cp_rank == 0,
+        dp_rank0=layout.dp_rank == 0,
+        device=device(),
+    )
+    return LossReduction(cfg.reweight, roles, domain_names, cfg.train.global_batch_size, cfg.train.seed)
+
+
+def check_nonfinite(cfg: HeftConfig, step: int, result: StepResult, consecutive_skips: int) -> int:
+    """Apply train.on_nonfinite_loss; returns the new count of consecutive skipped steps."""
+    bad = result.report.nonfinite_samples
+    if not bad:
+        return 0
+    message = (f"{bad} sample loss(es) are NaN/inf at step {step} (global batch loss "
+               f"{result.report.loss}); the step was not applied. Lower optim.lr (now "
+               f"{cfg.optim.lr}) or check the data for corrupt samples")
+    if cfg.train.on_nonfinite_loss == "error":
+        raise NonFiniteLossError(f"training loss is non-finite: {message}")
+    if consecutive_skips + 1 >= cfg.train.max_consecutive_skips:
+        raise NonFiniteLossError(f"{consecutive_skips + 1} consecutive steps skipped: {message}")
+    print(f"heft: skipping step {step}: {message}", flush=True)
+    return consecutive_skips + 1
+
+
 def train(cfg: HeftConfig) -> list[dict]:
     """Train for ``cfg.train.steps`` steps. Returns the logged records (identical on every rank)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
     from data.loader import check_sequence_length
     from data.prepare import load_manifest
@@ -58,42 +93,42 @@ def train(cfg: HeftConfig) -> list[dict]:
     chunks = build_model_chunks(cfg, vocab_size, backends)
     bf16 = resolve_dtype(t.precision, backends) == torch.bfloat16
     optimizer, scheduler = build_optimizer(cfg, chunks, bf16)
+    reduction = build_loss_reduction(cfg, layout, [d["name"] for d in manifest["domains"]])
+    reduction.install(get_model_config(chunks[0]))
     forward_backward = get_forward_backward_func()
 
     writer = MetricsWriter(t.run_dir, enabled=layout.rank == 0, tensorboard=t.tensorboard)
     flops_token = flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
                                   m.num_attention_heads, m.num_query_groups, m.seq_length, vocab_size)
     peak = peak_flops_per_device()
-    records, window_time, window_tokens, skipped = [], 0.0, 0, 0
-    tokens_per_step = t.global_batch_size * m.seq_length
+    records, window_time, window_tokens, skipped, consecutive_skips = [], 0.0, 0, 0, 0
     for step in range(1, t.steps + 1):
         start = time.perf_counter()
-        result = train_step(forward_backward, chunks, optimizer, scheduler, next(batches),
-                            t.micro_batch_size, m.seq_length)
+        result = train_step(forward_backward, chunks, optimizer, scheduler, reduction, step,
+                            next(batches), t.micro_batch_size, m.seq_length)
         window_time += time.perf_counter() - start
-        window_tokens += result.tokens
-        skipped += int(result.skipped)
-        if not math.isfinite(result.loss):
-            raise NonFiniteLossError(
-                f"training loss is {result.loss} at step {step} (grad norm {result.grad_norm}); "
-                f"lower optim.lr (now {cfg.optim.lr}) or check the data for corrupt samples"
-            )
+        window_tokens += result.report.tokens
+        skipped += int(not result.updated)
+        consecutive_skips = check_nonfinite(cfg, step, result, consecutive_skips)
+        if cfg.reweight.log_sample_weights and result.report.sample_records:
+            writer.write_sample_weights(step, layout.rank, result.report.sample_records)
         if step % t.log_interval == 0 or step == t.steps:
-            steps_in_window = t.log_interval if step % t.log_interval == 0 else step % t.log_interval
+            steps_in_window = (step - 1) % t.log_interval + 1
             tokens_per_s = window_tokens / window_time
             record = {
                 "step": step,
-                "consumed_tokens": step * tokens_per_step,
-                "loss": result.loss,
+                "consumed_tokens": step * t.global_batch_size * m.seq_length,
+                "loss": result.report.loss,
                 "lr": current_lr(optimizer),
                 "grad_norm": result.grad_norm,
                 "step_time_s": window_time / steps_in_window,
                 "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * flops_token / (layout.world_size * peak) if peak else None,
                 "skipped_steps": skipped,
+                **result.report.metrics,
             }
             records.append(record)
-            writer.log(record)
+            writer.log(record, histogram=result.report.histogram)
             window_time, window_tokens = 0.0, 0
     writer.close()
     shutdown()
