@@ -12,7 +12,7 @@ def test_make_demo_trains_and_loss_falls(tmp_path):
     data, run = tmp_path / "demo_data", tmp_path / "run"
     proc = subprocess.run(
         ["make", "demo", f"DEMO_DATA={data}",
-         f"DEMO_ARGS=train.steps=60 train.log_interval=20 train.run_dir={run}"],
+         f"DEMO_ARGS=train.steps=60 train.log_interval=20 reweight.warmup_steps=30 train.run_dir={run}"],
         cwd=REPO, env=heft_env(), capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -22,4 +22,8 @@ def test_make_demo_trains_and_loss_falls(tmp_path):
     assert [r["step"] for r in records] == [20, 40, 60]
     assert records[-1]["loss"] < records[0]["loss"] - 0.5, records
     assert "step     60 | loss" in proc.stdout  # the console line
+    # linupper switches on after the warm-up and reports its weights.
+    assert records[0]["reweighting_active"] == 0 and records[-1]["reweighting_active"] == 1
+    assert records[-1]["weight_min"] < 1 < records[-1]["weight_max"]
+    assert {"domain_code_weight", "domain_docs_weight", "domain_legal_weight", "ess_fraction"} <= set(records[-1])
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
