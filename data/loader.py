@@ -106,3 +106,26 @@ def train_batches(
     while True:
         for collated in loader:
             yield Batch(**collated)
+
+
+def validation_batches(path: str, micro_batch_size: int, replication: int,
+                       max_microbatches: int | None = None) -> list[Batch]:
+    """This replica's share of every domain's held-out split, in fixed order, as microbatches.
+
+    Read once and kept: validation splits are small, and every evaluation then sees the same samples.
+    """
+    from streaming import StreamingDataLoader, StreamingDataset, Stream
+
+    manifest = load_manifest(path)
+    streams = [Stream(local=str(Path(path) / d["name"] / "val")) for d in manifest["domains"]
+               if d["val"]["samples"] > 0]
+    dataset = StreamingDataset(streams=streams, shuffle=False, batch_size=micro_batch_size,
+                               replication=replication if replication > 1 else None)
+    loader = StreamingDataLoader(dataset, batch_size=micro_batch_size, collate_fn=_collate,
+                                 num_workers=0, drop_last=True)
+    batches = []
+    for collated in loader:
+        if max_microbatches is not None and len(batches) >= max_microbatches:
+            break
+        batches.append(Batch(**collated))
+    return batches

@@ -152,6 +152,11 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Where metrics.jsonl and tensorboard/ are written."""
     tensorboard: bool = True
+    eval_interval: int = 0
+    """Evaluate the held-out loss per domain every N steps (0: only if eval_at_end)."""
+    eval_at_end: bool = False
+    eval_max_microbatches: int | None = None
+    """Cap on validation microbatches per replica (None: the whole val split)."""
     on_nonfinite_loss: str = "error"
     """A NaN/inf sample loss: error (stop before the update) or skip (drop the step, count it;
     still an error after max_consecutive_skips in a row)."""

@@ -40,6 +40,19 @@ class MetricsWriter:
                 self._tb.add_histogram_raw("reweight/sample_weight", global_step=step, **histogram)
         print(format_console_line(record), flush=True)
 
+    def log_eval(self, record: dict) -> None:
+        """An evaluation: a JSON line with eval_* keys, TensorBoard scalars under eval/."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and math.isfinite(value):
+                    self._tb.add_scalar(f"eval/{key[len('eval_'):]}", value, record["step"])
+        domains = " ".join(f"{k[len('eval_'):-len('_loss')]} {v:.4f}" for k, v in record.items()
+                           if k.startswith("eval_") and k != "eval_loss")
+        print(f"eval   {record['step']:>6} | loss {record['eval_loss']:.4f} | {domains}", flush=True)
+
     def write_sample_weights(self, step: int, rank: int, rows: list[tuple]) -> None:
         """Per-sample (domain, index, loss, relative weight) rows; any rank that owns samples writes
         its own file, so this does not depend on ``enabled``."""

@@ -94,10 +94,12 @@ class LossReduction:
 
     # --- wiring ------------------------------------------------------------------------------------
     def install(self, model_config) -> None:
-        """Route megatron's gradient finalisation through this reduction (reweighting only)."""
-        if self.strategy is not None:
-            self._megatron_finalize = model_config.finalize_model_grads_func
-            model_config.finalize_model_grads_func = self.finalize_model_grads
+        """Make this reduction the one the schedule finalises gradients with. Another reduction
+        can be installed later on the same model (the overhead benchmark alternates two)."""
+        from megatron.core.distributed import finalize_model_grads
+
+        self._megatron_finalize = finalize_model_grads
+        model_config.finalize_model_grads_func = self.finalize_model_grads
 
     # --- per step ----------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -144,7 +146,10 @@ class LossReduction:
         return numerator, num_tokens, {}
 
     def finalize_model_grads(self, model, num_tokens=None, **kwargs):
-        """megatron's finalize, dividing by the global sum of weights instead of the token count."""
+        """megatron's finalize; when reweighting, dividing by the global sum of weights instead of
+        the token count."""
+        if self.strategy is None:
+            return self._megatron_finalize(model, num_tokens, **kwargs)
         weight_sum = self._weight_sum.clone()
         self._megatron_finalize(model, weight_sum, **kwargs)
         self._global_weight_sum = weight_sum  # broadcast over PP and all-reduced over DP x CP

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +38,32 @@ def run_heft(args: list[str], timeout: int = 300, check: bool = True) -> subproc
     return proc
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    """Training records (kind='train') or evaluation records (kind='eval') of a run."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if ("eval_loss" in r) == (kind == "eval")]
+
+
+@contextlib.contextmanager
+def one_process_world(cfg):
+    """A real one-rank gloo group and megatron-core's parallel state inside the pytest process.
+    The environment it needs is restored afterwards, so child `heft` runs never inherit it."""
+    from model import cpu_compat
+    from model.parallel import initialize, shutdown
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = dict(os.environ)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cpu_compat.enable_if_no_cuda()
+    try:
+        yield initialize(cfg)
+        shutdown()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

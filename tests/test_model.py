@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 
+from conftest import one_process_world
 from launcher.config import load_config
 from model.build import Backends, build_model_chunks, padded_vocab_size, unwrap
 from model.flops import flops_per_token
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
-    from model import cpu_compat
-    from model.parallel import initialize, shutdown
-
-    saved = dict(os.environ)
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    cpu_compat.enable_if_no_cuda()
     cfg = load_config(None, ["model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=2"])
-    initialize(cfg)
-    chunks = build_model_chunks(cfg, vocab_size=257, backends=Backends.detect())
-    yield cfg, unwrap(chunks[0])
-    shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
+    with one_process_world(cfg):
+        chunks = build_model_chunks(cfg, vocab_size=257, backends=Backends.detect())
+        yield cfg, unwrap(chunks[0])
 
 
 def test_attention_is_causal(tiny_model):

@@ -8,21 +8,13 @@ spec's formulas in NumPy, and torch.autograd on sum_i w_i l_i.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import one_process_world
 from data.loader import Batch
 from launcher.config import load_config
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,25 +23,16 @@ def setup():
     from megatron.core.utils import get_model_config
 
     from launcher.train import build_loss_reduction
-    from model import cpu_compat
     from model.build import Backends, build_model_chunks, unwrap
-    from model.parallel import initialize, shutdown
 
-    saved = dict(os.environ)
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    cpu_compat.enable_if_no_cuda()
     cfg = load_config(None, ["model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
                              "parallel.overlap_grad_reduce=false", "reweight.strategy=linupper",
                              "reweight.temperature=0.5"])
-    layout = initialize(cfg)
-    chunks = build_model_chunks(cfg, vocab_size=257, backends=Backends.detect())
-    reduction = build_loss_reduction(cfg, layout, ["a", "b"])
-    reduction.install(get_model_config(chunks[0]))
-    yield cfg, chunks[0], unwrap(chunks[0]), reduction, get_forward_backward_func()
-    shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
+    with one_process_world(cfg) as layout:
+        chunks = build_model_chunks(cfg, vocab_size=257, backends=Backends.detect())
+        reduction = build_loss_reduction(cfg, layout, ["a", "b"])
+        reduction.install(get_model_config(chunks[0]))
+        yield cfg, chunks[0], unwrap(chunks[0]), reduction, get_forward_backward_func()
 
 
 def assert_grads_close(got: dict, want: dict, rtol: float = 1e-5):

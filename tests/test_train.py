@@ -32,7 +32,8 @@ def test_nonfinite_loss_stops_with_a_clear_error(tiny_train_config, tmp_path):
     proc, _ = _train(tiny_train_config, tmp_path / "nan", "optim.lr=1e30", "optim.min_lr=0",
                      "optim.clip_grad=0", "train.steps=4", check=False)
     assert proc.returncode != 0
-    assert "training loss is" in proc.stderr and "lower optim.lr" in proc.stderr
+    assert "training loss is non-finite" in proc.stderr and "at step" in proc.stderr
+    assert "Lower optim.lr" in proc.stderr
 
 
 def test_metrics_jsonl_and_tensorboard_agree(tiny_train_config, tmp_path):
@@ -50,3 +51,22 @@ def test_metrics_jsonl_and_tensorboard_agree(tiny_train_config, tmp_path):
     assert [s for s, _ in losses] == [1, 2, 3]
     for (_, value), record in zip(losses, records):
         assert value == pytest.approx(record["loss"], rel=1e-6)
+
+
+def test_evaluation_is_layout_invariant(tiny_train_config, tmp_path):
+    evals = {}
+    for name, layout in {"single": ["parallel.data=1"],
+                         "tp2_pp2": ["parallel.tensor=2", "parallel.pipeline=2", "parallel.data=1"],
+                         "dp2": ["parallel.data=2"]}.items():
+        run_dir = tmp_path / name
+        run_heft(["train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=2",
+                  "train.eval_interval=1", *layout])
+        evals[name] = read_metrics(run_dir, kind="eval")
+    ref = evals["single"]
+    assert [r["step"] for r in ref] == [1, 2]
+    assert {"eval_code_loss", "eval_docs_loss", "eval_legal_loss"} <= set(ref[0])
+    assert ref[1]["eval_loss"] < ref[0]["eval_loss"]
+    for name, records in evals.items():
+        for a, b in zip(ref, records):
+            for key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), f"{name} step {a['step']} {key}"
