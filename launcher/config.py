@@ -271,15 +271,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
-    sections = {f.name: f.type for f in dataclasses.fields(HeftConfig)}
-    hints = typing.get_type_hints(HeftConfig)
+    sections = typing.get_type_hints(HeftConfig)  # section name -> its dataclass
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(sections)}")
-    cfg = HeftConfig(
-        **{name: _build_section(hints[name], raw.get(name) or {}, name) for name in sections}
-    )
-    from model.presets import apply_preset
+    cfg = HeftConfig(**{name: _build_section(cls, raw.get(name) or {}, name) for name, cls in sections.items()})
+    from model.presets import apply_preset  # here, not at the top: presets imports ConfigError
 
     apply_preset(cfg.model)
     validate(cfg)

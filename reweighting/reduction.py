@@ -231,6 +231,25 @@ class LossReduction:
             dist.all_reduce(extrema, op=dist.ReduceOp.MAX, group=r.dp_group)
 
         # One world all-reduce carries the report; each quantity from the ranks that own it once.
+        vector = self._statistics_vector(loss, relative, domains, finite, extrema, k)
+        dist.all_reduce(vector)
+
+        nonfinite = int(vector[2].item())
+        if nonfinite == 0 and r.is_last_stage and torch.isfinite(extrema[:2]).all():
+            self.lagged_minmax = (-extrema[1].item(), extrema[0].item())
+        if nonfinite == 0 and vector[3] > 0:
+            mean = (vector[4] / vector[3]).item()
+            m = self.cfg.running_mean_momentum
+            self.running_mean = mean if self.running_mean is None else m * self.running_mean + (1 - m) * mean
+        records = []
+        if self.cfg.log_sample_weights and r.is_last_stage and r.tensor_rank0 and r.cp_rank0:
+            records = [(int(d), int(i), float(l), float(w)) for d, i, l, w in
+                       zip(domains.tolist(), torch.cat(self._indices).tolist(), loss.tolist(), relative.tolist())]
+        return self._report(vector, k, nonfinite, records)
+
+    def _statistics_vector(self, loss, relative, domains, finite, extrema, k):
+        """This rank's contribution to the step report (zeros where another rank reports)."""
+        r = self.roles
         vector = torch.zeros(10 + 3 * k + HISTOGRAM_BINS, dtype=torch.float64, device=r.device)
         if r.is_last_stage and r.tensor_rank0:
             vector[0], vector[1] = self._token_loss, self._tokens
@@ -247,20 +266,7 @@ class LossReduction:
                 vector[10 + 3 * k:] = torch.bincount(bins, minlength=HISTOGRAM_BINS).double()
                 if r.dp_rank0:
                     vector[8], vector[9] = extrema[2], -extrema[3]
-        dist.all_reduce(vector)
-
-        nonfinite = int(vector[2].item())
-        if nonfinite == 0 and r.is_last_stage and torch.isfinite(extrema[:2]).all():
-            self.lagged_minmax = (-extrema[1].item(), extrema[0].item())
-        if nonfinite == 0 and vector[3] > 0:
-            mean = (vector[4] / vector[3]).item()
-            m = self.cfg.running_mean_momentum
-            self.running_mean = mean if self.running_mean is None else m * self.running_mean + (1 - m) * mean
-        records = []
-        if self.cfg.log_sample_weights and r.is_last_stage and r.tensor_rank0 and r.cp_rank0:
-            records = [(int(d), int(i), float(l), float(w)) for d, i, l, w in
-                       zip(domains.tolist(), torch.cat(self._indices).tolist(), loss.tolist(), relative.tolist())]
-        return self._report(vector, k, nonfinite, records)
+        return vector
 
     def _report(self, v, k, nonfinite, records) -> StepReport:
         tokens = int(v[1].item())
