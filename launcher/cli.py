@@ -60,6 +60,9 @@ def cmd_train(args) -> int:
         return worker_main([args.config, *args.overrides])
     cfg = load_config(args.config, args.overrides)
     validate(cfg, world_size=processes_per_node(args, cfg) * args.nnodes)
+    from model.build import Backends, check_backend_support
+
+    check_backend_support(cfg, Backends.detect())
     _check_before_launch(cfg)
     cmd = torchrun_command(args, cfg)
     print("heft: launching", " ".join(cmd), flush=True)

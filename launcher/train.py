@@ -87,13 +87,14 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     from launcher.config import ReweightConfig
     from launcher.evaluate import Evaluator
     from model import cpu_compat
-    from model.build import Backends, build_model_chunks, resolve_dtype
+    from model.build import Backends, build_model_chunks, check_backend_support, resolve_dtype
     from model.flops import flops_per_token, peak_flops_per_device
     from model.parallel import initialize
 
     cpu_compat.enable_if_no_cuda()
-    layout = initialize(cfg)
     backends = Backends.detect()
+    check_backend_support(cfg, backends)
+    layout = initialize(cfg)
     manifest = load_manifest(cfg.data.path)
     check_sequence_length(manifest, cfg.model.seq_length, cfg.data.path)
     vocab_size = manifest["tokenizer"]["vocab_size"]

@@ -39,6 +39,18 @@ def _importable(module: str) -> bool:
         return False
 
 
+def check_backend_support(cfg: HeftConfig, backends: Backends) -> None:
+    """Reject parallel features this process's backends cannot run, before any process starts."""
+    from launcher.config import ConfigError
+
+    if cfg.parallel.context > 1 and not backends.transformer_engine:
+        raise ConfigError(
+            f"parallel.context={cfg.parallel.context} needs Transformer Engine on CUDA (megatron-core's "
+            f"local attention has no context parallelism); set parallel.context=1 or install "
+            f"transformer_engine on a GPU machine"
+        )
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
     """Round the vocabulary up so that every TP rank gets an equal slice.
 

@@ -72,6 +72,19 @@ def test_cli_rejects_bad_layout_before_launching(tiny_train_config):
     assert "launching" not in proc.stdout  # failed before torchrun started
 
 
+def _has_transformer_engine() -> bool:
+    from model.build import Backends
+
+    return Backends.detect().transformer_engine
+
+
+@pytest.mark.skipif(_has_transformer_engine(), reason="Transformer Engine present: CP is supported here")
+def test_cli_rejects_context_parallel_without_transformer_engine(tiny_train_config):
+    proc = run_heft(["train", str(tiny_train_config), "parallel.context=2"], check=False, timeout=60)
+    assert proc.returncode == 2
+    assert "parallel.context=2 needs Transformer Engine on CUDA" in proc.stderr
+
+
 def test_cli_rejects_data_mismatch(tiny_train_config, small_corpus):
     proc = run_heft(["train", str(tiny_train_config), "model.seq_length=128"], check=False, timeout=60)
     assert proc.returncode == 2
