@@ -70,3 +70,20 @@ def test_evaluation_is_layout_invariant(tiny_train_config, tmp_path):
         for a, b in zip(ref, records):
             for key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), f"{name} step {a['step']} {key}"
+
+
+def test_heft_train_inside_torchrun_is_the_worker(tiny_train_config, tmp_path):
+    """The multi-node path: torchrun (or srun) starts `heft train` itself on every process."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, heft_env
+
+    run_dir = tmp_path / "inside"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "launcher.cli", "train", str(tiny_train_config), f"train.run_dir={run_dir}", "parallel.data=2"],
+        cwd=REPO, env=heft_env(), capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "heft: launching" not in proc.stdout  # it did not start a nested torchrun
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
