@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -90,6 +89,3 @@ def load_tokenizer(data_dir: Path, spec: dict) -> Tokenizer:
         return BPETokenizer.load(Path(data_dir) / spec["file"])
     raise ValueError(f"unknown tokenizer kind {spec['kind']!r} in {data_dir}/manifest.json")
 
-
-def describe(tokenizer) -> str:
-    return json.dumps({"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from data.loader import Batch
-from launcher.step import make_forward_step
+from launcher.step import run_schedule
 from reweighting.reduction import LossReduction
 
 
@@ -24,17 +24,9 @@ class Evaluator:
         for chunk in self.chunks:
             chunk.eval()
         self.reduction.begin_step(step)
-        iterators = [iter(self.batches) for _ in self.chunks]
         with torch.no_grad():
-            self.forward_backward(
-                forward_step_func=make_forward_step(self.reduction),
-                data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
-                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-                num_microbatches=len(self.batches),
-                seq_length=self.seq_length,
-                micro_batch_size=self.micro_batch_size,
-                forward_only=True,
-            )
+            run_schedule(self.forward_backward, self.chunks, self.reduction, self.batches,
+                         self.micro_batch_size, self.seq_length, forward_only=True)
         report = self.reduction.finish_step()
         for chunk in self.chunks:
             chunk.train()

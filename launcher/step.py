@@ -45,14 +45,10 @@ def make_forward_step(reduction: LossReduction):
     return forward_step
 
 
-def train_step(forward_backward, chunks, optimizer, scheduler, reduction: LossReduction, step: int,
-               batch: Batch, micro_batch_size: int, seq_length: int) -> StepResult:
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    microbatches = batch.microbatches(micro_batch_size)
+def run_schedule(forward_backward, chunks, reduction: LossReduction, microbatches: list[Batch],
+                 micro_batch_size: int, seq_length: int, forward_only: bool) -> None:
+    """megatron-core's schedule over ``microbatches``; losses go to ``reduction``."""
     iterators = [iter(microbatches) for _ in chunks]  # each virtual chunk walks the same list
-    reduction.begin_step(step)
     forward_backward(
         forward_step_func=make_forward_step(reduction),
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
@@ -60,8 +56,18 @@ def train_step(forward_backward, chunks, optimizer, scheduler, reduction: LossRe
         num_microbatches=len(microbatches),
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
-        forward_only=False,
+        forward_only=forward_only,
     )
+
+
+def train_step(forward_backward, chunks, optimizer, scheduler, reduction: LossReduction, step: int,
+               batch: Batch, micro_batch_size: int, seq_length: int) -> StepResult:
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reduction.begin_step(step)
+    run_schedule(forward_backward, chunks, reduction, batch.microbatches(micro_batch_size),
+                 micro_batch_size, seq_length, forward_only=False)
     # Every rank learns the step's loss, and whether any sample loss was non-finite, before the
     # update, so the non-finite policy is applied consistently everywhere.
     report = reduction.finish_step()
