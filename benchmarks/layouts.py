@@ -34,12 +34,12 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO / "demo_data"))
     args = parser.parse_args()
     if not (Path(args.data) / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", "--demo", args.data], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-m", "heft.launcher.cli", "prepare", "--demo", args.data], check=True, cwd=REPO)
     print(f"\ndemo job (tiny model, global batch 16 x 128 tokens, micro 4), {args.steps} steps, 2 CPU cores")
     print(f"{'layout':<30} {'ms/step':>9} {'tokens/s':>10} {'loss':>8}")
     for name, overrides in LAYOUTS.items():
         with tempfile.TemporaryDirectory() as run_dir:
-            subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(REPO / "configs" / "demo.yaml"),
+            subprocess.run([sys.executable, "-m", "heft.launcher.cli", "train", str(REPO / "configs" / "demo.yaml"),
                             f"data.path={args.data}", f"train.steps={args.steps}",
                             f"train.log_interval={args.steps // 2}", "reweight.strategy=none",
                             "train.tensorboard=false", f"train.run_dir={run_dir}", *overrides],

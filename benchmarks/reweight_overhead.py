@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # name -> (processes, overrides of configs/demo.yaml). 2 cores: 1-2 processes measure cleanly,
 # 4 processes oversubscribe the machine and the A/A control shows how much noise that adds.
@@ -43,9 +42,9 @@ WARMUP_ROUNDS = 5
 def worker(out: str, rounds: int, overrides: list[str]) -> None:
     from megatron.core.utils import get_model_config
 
-    from launcher.config import ReweightConfig, load_config
-    from launcher.train import build_loss_reduction, build_trainer
-    from model.parallel import shutdown
+    from heft.launcher.config import ReweightConfig, load_config
+    from heft.launcher.train import build_loss_reduction, build_trainer
+    from heft.model.parallel import shutdown
 
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
     trainer = build_trainer(cfg)
@@ -76,12 +75,12 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO / "demo_data"))
     args = parser.parse_args()
     if not (Path(args.data) / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "launcher.cli", "prepare", "--demo", args.data], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-m", "heft.launcher.cli", "prepare", "--demo", args.data], check=True, cwd=REPO)
     rows = []
     for layout in args.layout or list(LAYOUTS):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "times.json"
-            env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             nproc, overrides = LAYOUTS[layout]
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                             __file__, "--worker", str(out), str(args.rounds), f"data.path={args.data}",

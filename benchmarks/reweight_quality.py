@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 ARMS = {
     "none": ["reweight.strategy=none"],
@@ -33,8 +32,8 @@ CLEAN = ("code", "docs", "legal")
 
 
 def build_corpus(out: Path) -> None:
-    from data.demo_corpus import demo_documents
-    from data.prepare import prepare
+    from heft.data.demo_corpus import demo_documents
+    from heft.data.prepare import prepare
 
     docs = demo_documents()
     rng = random.Random(0)
@@ -60,7 +59,7 @@ def main() -> None:
         if run_dir.exists():
             for f in run_dir.glob("metrics.jsonl"):
                 f.unlink()
-        subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(REPO / "configs" / "demo.yaml"),
+        subprocess.run([sys.executable, "-m", "heft.launcher.cli", "train", str(REPO / "configs" / "demo.yaml"),
                         f"data.path={data}", "data.proportions={code: 0.3, docs: 0.2, legal: 0.2, redundant: 0.15, noise: 0.15}",
                         "parallel.tensor=1", "parallel.data=2", f"train.steps={args.steps}", "train.log_interval=10",
                         "train.eval_at_end=true", "train.tensorboard=false", f"train.run_dir={run_dir}",

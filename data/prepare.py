@@ -21,7 +21,8 @@ from typing import Iterable
 
 import numpy as np
 
-from data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from heft.data.config import DataConfigError
+from heft.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "heft-prepared/1"
@@ -130,7 +131,17 @@ def load_manifest(path: str | Path) -> dict:
             f"{manifest_path} not found: {path} is not a prepared dataset; run "
             f"`heft prepare --demo {path}` or `heft prepare --domain NAME=FILES --out {path}`"
         )
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise DataConfigError(f"{manifest_path} has format {manifest.get('format')!r}, expected "
+                                  f"{FORMAT}; re-run heft prepare")
+        for entry in manifest["domains"]:
+            entry["name"], entry["train"]["samples"], entry["val"]["samples"]
+        manifest["seq_length"], manifest["tokenizer"]["vocab_size"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, DataConfigError):
+            raise
+        raise DataConfigError(f"{manifest_path} is corrupt ({type(exc).__name__}: {exc}); re-run heft "
+                              f"prepare for {path}") from None
     return manifest

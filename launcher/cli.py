@@ -4,6 +4,9 @@
     heft prepare --demo OUT               build the embedded demo corpus
     heft prepare --domain NAME=PATH[,PATH] ... --out OUT [--tokenizer byte|bpe]
     heft config CONFIG [key=value ...]    print the resolved, validated config
+    heft plot RUN_DIR [--out FILE.png]    loss, per-domain loss/weight/fraction, ESS over steps
+
+``heft --verbose ...`` shows every upstream warning and the launcher's own logs.
 """
 
 from __future__ import annotations
@@ -12,21 +15,31 @@ import argparse
 import os
 import sys
 
-import yaml
+from heft.launcher import output
+
+output.filter_known_warnings()
+
+import yaml  # noqa: E402
 
 
 class UsageError(Exception):
     pass
 
 
-def _check_before_launch(cfg) -> None:
-    """Checks that need the data but no processes, so a bad run fails before torchrun starts."""
-    from data.loader import check_sequence_length, domain_proportions
-    from data.prepare import load_manifest
+def _check_before_launch(cfg) -> str | None:
+    """Checks that need the data and the run directory but no processes, so a run that cannot work
+    fails here in one line rather than in every worker. Returns a line to print instead of
+    launching when the run directory's checkpoint already reached train.steps."""
+    from heft.data.loader import check_sequence_length, domain_proportions
+    from heft.data.verify import check_enough_samples, verify_dataset
+    from heft.launcher.rundir import already_finished, check_writable, decide_start
 
-    manifest = load_manifest(cfg.data.path)
+    manifest = verify_dataset(cfg.data.path)
     check_sequence_length(manifest, cfg.model.seq_length, cfg.data.path)
-    domain_proportions(manifest, cfg.data.proportions)
+    weights = domain_proportions(manifest, cfg.data.proportions)
+    check_enough_samples(manifest, weights, cfg.train.global_batch_size, cfg.data.path)
+    check_writable(cfg.train.run_dir)
+    return already_finished(cfg, decide_start(cfg, warn=lambda line: print(line, file=sys.stderr)))
 
 
 def processes_per_node(args, cfg) -> int:
@@ -37,45 +50,46 @@ def processes_per_node(args, cfg) -> int:
     return cfg.parallel.model_parallel_size() * (cfg.parallel.data or 1)
 
 
-def torchrun_command(args, cfg) -> list[str]:
-    nproc = processes_per_node(args, cfg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if args.nnodes > 1:
-        if not args.rdzv_endpoint:
-            raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
-        cmd += [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
-    else:
-        cmd += ["--standalone"]
-    return cmd + ["-m", "launcher.worker", args.config, *args.overrides]
+def torchrun_arguments(args, cfg) -> list[str]:
+    from heft.launcher.launch import torchrun_arguments as build
+
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    return build(processes_per_node(args, cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id,
+                 args.node_rank, [args.config, *args.overrides])
 
 
 def cmd_train(args) -> int:
-    from launcher.config import load_config, validate
-    from launcher.environment import prepare_worker_environment
+    from heft.launcher.config import load_config, validate
+    from heft.launcher.environment import prepare_worker_environment
 
     if prepare_worker_environment():
-        from launcher.worker import main as worker_main
+        from heft.launcher.worker import main as worker_main
 
         return worker_main([args.config, *args.overrides])
     cfg = load_config(args.config, args.overrides)
     validate(cfg, world_size=processes_per_node(args, cfg) * args.nnodes)
-    from model.build import Backends, check_backend_support
+    from heft.launcher.train import check_backends
+    from heft.model.build import Backends
 
-    check_backend_support(cfg, Backends.detect())
-    _check_before_launch(cfg)
-    cmd = torchrun_command(args, cfg)
-    print("heft: launching", " ".join(cmd), flush=True)
-    os.execv(cmd[0], cmd)  # torchrun takes over this process: signals reach it directly
+    check_backends(cfg, Backends.detect())
+    finished = _check_before_launch(cfg)
+    if finished:
+        print(finished)
+        return 0
+    from heft.launcher.launch import run_workers
+
+    return run_workers(torchrun_arguments(args, cfg), processes_per_node(args, cfg) * args.nnodes,
+                       verbose=output.verbose())
 
 
 def cmd_prepare(args) -> int:
-    from data.prepare import prepare, read_documents
+    from heft.data.prepare import prepare, read_documents
 
     if bool(args.demo) == bool(args.domain):
         raise UsageError("give either --demo OUT or one or more --domain NAME=PATH[,PATH] with --out")
     if args.demo:
-        from data.demo_corpus import demo_documents
+        from heft.data.demo_corpus import demo_documents
 
         domains, out = demo_documents(), args.demo
     else:
@@ -98,14 +112,27 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from launcher.config import load_config
+    from heft.launcher.config import load_config
 
     print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
     return 0
 
 
+def cmd_plot(args) -> int:
+    from heft.launcher.plot import plot_run
+
+    try:
+        out = plot_run(args.run_dir, args.out)
+    except ValueError as exc:  # a damaged or empty metrics.jsonl
+        raise UsageError(str(exc)) from None
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heft", description="Megatron-style pretraining with loss-based reweighting")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every upstream warning and the launcher's logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (launches torchrun unless already a worker)")
@@ -115,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="processes on this node (default: TP*PP*CP*DP of the config)")
     train.add_argument("--nnodes", type=int, default=1)
     train.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT for multi-node rendezvous")
+    train.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show every upstream warning and the launcher's logs")
+    train.add_argument("--node-rank", type=int, default=None, help="this node's rank (multi-node)")
     train.add_argument("--rdzv-id", default="heft")
     train.set_defaults(func=cmd_train)
 
@@ -133,19 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
     show.set_defaults(func=cmd_config)
+
+    plot = sub.add_parser("plot", help="plot a run's loss, per-domain loss, weights and ESS")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/plots.png)")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.loader import DataConfigError
-    from launcher.config import ConfigError
-
+    from heft.data.config import DataConfigError
+    from heft.launcher.config import ConfigError
+    
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[output.VERBOSE_VAR] = "1"  # the workers inherit it
     try:
         return args.func(args) or 0
-    except (ConfigError, DataConfigError, UsageError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, DataConfigError, UsageError, FileNotFoundError,
+            FileExistsError, PermissionError) as exc:
         print(f"heft: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("heft: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from data.loader import Batch
-from launcher.step import run_schedule
-from reweighting.reduction import LossReduction
+from heft.data.loader import Batch
+from heft.launcher.step import run_schedule
+from heft.reweighting.reduction import LossReduction
 
 
 class Evaluator:
+    BLOCK = 32
+    """Validation microbatches per schedule call; a stop request is honoured between blocks."""
+
     def __init__(self, batches: list[Batch], reduction: LossReduction, chunks, forward_backward,
                  micro_batch_size: int, seq_length: int):
         self.batches = batches
@@ -19,17 +22,26 @@ class Evaluator:
         self.micro_batch_size = micro_batch_size
         self.seq_length = seq_length
 
-    def run(self, step: int) -> dict:
-        """{'eval_loss': token mean, 'eval_<domain>_loss': per-domain mean} on every rank."""
+    def run(self, step: int, stop_requested=lambda: False) -> dict | None:
+        """{'eval_loss': token mean, 'eval_<domain>_loss': per-domain mean} on every rank, or None
+        if ``stop_requested()`` (a collective, checked between blocks of microbatches) said stop."""
         for chunk in self.chunks:
             chunk.eval()
         self.reduction.begin_step(step)
+        stopped = False
         with torch.no_grad():
-            run_schedule(self.forward_backward, self.chunks, self.reduction, self.batches,
-                         self.micro_batch_size, self.seq_length, forward_only=True)
-        report = self.reduction.finish_step()
+            for start in range(0, len(self.batches), self.BLOCK):
+                run_schedule(self.forward_backward, self.chunks, self.reduction,
+                             self.batches[start:start + self.BLOCK], self.micro_batch_size,
+                             self.seq_length, forward_only=True)
+                if stop_requested():
+                    stopped = True
+                    break
         for chunk in self.chunks:
             chunk.train()
+        if stopped:
+            return None
+        report = self.reduction.finish_step()
         metrics = {"eval_loss": report.loss}
         for key, value in report.metrics.items():
             if key.startswith("domain_") and key.endswith("_loss"):

@@ -11,7 +11,10 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, resume_step: int = 0):
+        """``resume_step``: the step of the checkpoint this run resumes from (0: a new run). Records
+        the earlier run logged after it are dropped, in metrics.jsonl and in TensorBoard, so the
+        resumed run continues the curves without duplicated steps."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._jsonl = None
@@ -19,11 +22,16 @@ class MetricsWriter:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        if resume_step:
+            _keep_records_up_to(path, resume_step)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            # purge_step: TensorBoard discards this directory's events from that step on.
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                     purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, record: dict, histogram: dict | None = None) -> None:
         """``record`` must hold ``step``; every other numeric field becomes a TensorBoard scalar.
@@ -86,3 +94,21 @@ def format_console_line(r: dict) -> str:
     if r.get("skipped_steps"):
         parts.append(f"skipped {r['skipped_steps']}")
     return " | ".join(parts)
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the records after ``step``."""
+    import os
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

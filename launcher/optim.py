@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from launcher.config import HeftConfig
+from heft.launcher.config import HeftConfig
 
 
 def build_optimizer(cfg: HeftConfig, chunks, bf16: bool):

@@ -14,8 +14,8 @@ from functools import partial
 
 import torch
 
-from data.loader import Batch
-from reweighting.reduction import LossReduction, StepReport
+from heft.data.loader import Batch
+from heft.reweighting.reduction import LossReduction, StepReport
 
 
 @dataclass
@@ -73,8 +73,29 @@ def train_step(forward_backward, chunks, optimizer, scheduler, reduction: LossRe
     report = reduction.finish_step()
     if report.nonfinite_samples:
         return StepResult(report=report, grad_norm=math.nan, updated=False)
-    updated, grad_norm, _ = optimizer.step()
+    updated, grad_norm = apply_update(optimizer)
     if updated:
         scheduler.step(increment=1)
-    return StepResult(report=report, grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                      updated=updated)
+    return StepResult(report=report, grad_norm=grad_norm, updated=updated)
+
+
+def apply_update(optimizer) -> tuple[bool, float]:
+    """megatron-core's ``optimizer.step()``, in its own public pieces, with one check added: a
+    non-finite gradient norm (a NaN gradient from a finite loss) is never applied. megatron-core
+    only checks for inf/NaN under fp16 loss scaling, and skips the norm entirely with clipping off.
+
+    The norm is reduced over the model-parallel (and, with the distributed optimizer, the
+    data-parallel) group, so every rank makes the same decision. Returns (updated, grad norm)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():  # fp16 loss scaler found inf/NaN
+        return False, math.nan
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = part.get_parameters()
+        if part.config.clip_grad > 0 and params:
+            clip_grad_by_total_norm_fp32(params, part.config.clip_grad, grad_norm,
+                                         part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return optimizer.step_with_ready_grads(), grad_norm

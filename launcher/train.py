@@ -7,19 +7,21 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from launcher.config import HeftConfig, num_microbatches
-from launcher.metrics import MetricsWriter
-from launcher.optim import build_optimizer, current_lr
-from launcher.step import StepResult, device, train_step
+from heft.launcher.config import HeftConfig, ConfigError, num_microbatches, validate
+from heft.launcher.metrics import MetricsWriter
+from heft.launcher.optim import build_optimizer, current_lr
+from heft.launcher.step import StepResult, device, train_step
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss or the gradient norm is NaN/inf and the policy says stop."""
 
 
 @dataclass
@@ -29,6 +31,9 @@ class Trainer:
     cfg: HeftConfig
     layout: object
     domain_names: list
+    domain_weights: dict
+    """The static mixture: normalised weight per domain in use."""
+    vocab_size: int
     chunks: list
     optimizer: object
     scheduler: object
@@ -38,6 +43,10 @@ class Trainer:
     evaluator: object
     flops_per_token: float
     peak_flops: float | None
+    start: object
+    """Where the run started (rundir.Start: fresh, or a checkpoint)."""
+    progress: object
+    """checkpoint.Progress: the step reached and the skip counters, saved with every checkpoint."""
 
     def step(self, step: int) -> StepResult:
         return train_step(self.forward_backward, self.chunks, self.optimizer, self.scheduler,
@@ -45,24 +54,54 @@ class Trainer:
                           self.cfg.model.seq_length)
 
 
-def replica_batches(cfg: HeftConfig, data_parallel: int):
-    """This rank's per-step batches: its replica's share of each global batch."""
-    from data.loader import train_batches
+def start_processes(cfg: HeftConfig):
+    """Validate the config for this world, then create the process groups. Returns the Layout."""
+    import os
 
-    return train_batches(
+    from heft.model.parallel import initialize
+
+    validate(cfg, int(os.environ["WORLD_SIZE"]))  # before any group exists: fails here, not in a hang
+    return initialize(cfg.parallel, cfg.train.seed, cfg.train.collective_timeout_s)
+
+
+def build_model(cfg: HeftConfig, vocab_size: int, backends):
+    """This rank's model chunks (megatron-core GPTModel in DDP), from the model and parallel sections."""
+    from heft.model.build import Execution, build_model_chunks
+
+    run = Execution(precision=cfg.train.precision, recompute=cfg.train.recompute, seed=cfg.train.seed)
+    return build_model_chunks(cfg.model, cfg.parallel, run, vocab_size, backends)
+
+
+def check_backends(cfg: HeftConfig, backends) -> None:
+    from heft.model.build import check_backend_support
+
+    try:
+        check_backend_support(cfg.parallel, backends)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def replica_batches(cfg: HeftConfig, data_parallel: int, state: dict | None = None):
+    """This rank's per-step batches: its replica's share of each global batch (from ``state``, a
+    checkpoint's data state, when resuming)."""
+    from heft.data.loader import TrainBatches
+
+    return TrainBatches(
         cfg.data.path,
         cfg.data.proportions,
         batch_per_replica=cfg.train.micro_batch_size * num_microbatches(cfg, data_parallel),
+        global_batch_size=cfg.train.global_batch_size,
         replication=cfg.parallel.model_parallel_size(),
         shuffle_seed=cfg.data.shuffle_seed,
         num_canonical_nodes=cfg.data.num_canonical_nodes,
+        state=state,
     )
 
 
 def build_loss_reduction(cfg: HeftConfig, layout, domain_names: list[str], reweight=None):
     from megatron.core import parallel_state as ps
 
-    from reweighting.reduction import LossReduction, Roles
+    from heft.reweighting.reduction import LossReduction, Roles
 
     roles = Roles(
         dp_group=ps.get_data_parallel_group(),
@@ -82,26 +121,28 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
-    from data.loader import check_sequence_length, validation_batches
-    from data.prepare import load_manifest
-    from launcher.config import ReweightConfig
-    from launcher.evaluate import Evaluator
-    from model import cpu_compat
-    from model.build import Backends, build_model_chunks, check_backend_support, resolve_dtype
-    from model.flops import flops_per_token, peak_flops_per_device
-    from model.parallel import initialize
+    from heft.data.loader import check_sequence_length, domain_proportions, validation_batches
+    from heft.data.prepare import load_manifest
+    from heft.launcher.evaluate import Evaluator
+    from heft.launcher import checkpoint
+    from heft.launcher.rundir import decide_start_on_every_rank
+    from heft.model import cpu_compat
+    from heft.model.build import Backends, resolve_dtype
+    from heft.model.flops import flops_per_token, peak_flops_per_device
+    from heft.reweighting.config import ReweightConfig
 
     cpu_compat.enable_if_no_cuda()
     backends = Backends.detect()
-    check_backend_support(cfg, backends)
-    layout = initialize(cfg)
+    check_backends(cfg, backends)
+    layout = start_processes(cfg)
+    start = decide_start_on_every_rank(cfg, layout.rank)
     manifest = load_manifest(cfg.data.path)
     check_sequence_length(manifest, cfg.model.seq_length, cfg.data.path)
     vocab_size = manifest["tokenizer"]["vocab_size"]
     domain_names = [d["name"] for d in manifest["domains"]]
 
     t, m = cfg.train, cfg.model
-    chunks = build_model_chunks(cfg, vocab_size, backends)
+    chunks = build_model(cfg, vocab_size, backends)
     optimizer, scheduler = build_optimizer(cfg, chunks, resolve_dtype(t.precision, backends) == torch.bfloat16)
     reduction = build_loss_reduction(cfg, layout, domain_names)
     reduction.install(get_model_config(chunks[0]))
@@ -113,73 +154,184 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
                                t.eval_max_microbatches),
             build_loss_reduction(cfg, layout, domain_names, ReweightConfig(strategy="none")),
             chunks, forward_backward, t.micro_batch_size, m.seq_length)
-    return Trainer(
-        cfg=cfg, layout=layout, domain_names=domain_names, chunks=chunks, optimizer=optimizer,
-        scheduler=scheduler, reduction=reduction, forward_backward=forward_backward,
-        batches=replica_batches(cfg, layout.data_parallel), evaluator=evaluator,
+    trainer = Trainer(
+        cfg=cfg, layout=layout, domain_names=domain_names,
+        domain_weights=domain_proportions(manifest, cfg.data.proportions), vocab_size=vocab_size,
+        chunks=chunks, optimizer=optimizer, scheduler=scheduler, reduction=reduction,
+        forward_backward=forward_backward, batches=None, evaluator=evaluator,
         flops_per_token=flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
                                         m.num_attention_heads, m.num_query_groups, m.seq_length,
                                         vocab_size),
-        peak_flops=peak_flops_per_device(),
+        peak_flops=peak_flops_per_device(), start=start, progress=checkpoint.Progress(),
     )
+    if start.checkpoint:
+        trainer.progress = checkpoint.load(trainer, Path(start.checkpoint), start.state)
+    # Built after the checkpoint is known: streaming takes a resume state only before iterating.
+    trainer.batches = replica_batches(cfg, layout.data_parallel, start.state["data"] if start.state else None)
+    return trainer
 
 
 def check_nonfinite(cfg: HeftConfig, step: int, result: StepResult, consecutive_skips: int) -> int:
-    """Apply train.on_nonfinite_loss; returns the new count of consecutive skipped steps."""
+    """Apply train.on_nonfinite_loss to a non-finite loss or gradient norm (the update was not
+    applied either way); returns the new count of consecutive skipped steps."""
     bad = result.report.nonfinite_samples
-    if not bad:
+    if bad:
+        what = "training loss is non-finite"
+        message = (f"{bad} sample loss(es) are NaN/inf at step {step} (global batch loss "
+                   f"{result.report.loss:.4g}); the step was not applied")
+    elif not math.isfinite(result.grad_norm):
+        what = "gradient is non-finite"
+        message = (f"the gradient norm is {result.grad_norm} at step {step} although the loss "
+                   f"({result.report.loss:.4g}) is finite; the step was not applied")
+    else:
         return 0
-    message = (f"{bad} sample loss(es) are NaN/inf at step {step} (global batch loss "
-               f"{result.report.loss}); the step was not applied. Lower optim.lr (now "
-               f"{cfg.optim.lr}) or check the data for corrupt samples")
+    message += f". Lower optim.lr (now {cfg.optim.lr}) or check the data for corrupt samples"
     if cfg.train.on_nonfinite_loss == "error":
-        raise NonFiniteLossError(f"training loss is non-finite: {message}")
+        raise NonFiniteLossError(f"{what}: {message}")
     if consecutive_skips + 1 >= cfg.train.max_consecutive_skips:
         raise NonFiniteLossError(f"{consecutive_skips + 1} consecutive steps skipped: {message}")
-    print(f"heft: skipping step {step}: {message}", flush=True)
+    if cfg.train.on_nonfinite_loss == "skip":
+        say(f"heft: skipping step {step}: {message}")
     return consecutive_skips + 1
 
 
-def train(cfg: HeftConfig) -> list[dict]:
-    """Train for ``cfg.train.steps`` steps. Returns the logged records (identical on every rank)."""
-    from model.parallel import shutdown
+def say(line: str) -> None:
+    """Print from global rank 0 only: every rank knows the same, one copy is enough."""
+    import torch.distributed as dist
 
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line, flush=True)
+
+
+class Throughput:
+    """Step time and tokens per second over the current logging window."""
+
+    def __init__(self):
+        self.seconds, self.tokens, self.steps = 0.0, 0, 0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        self.seconds, self.tokens, self.steps = self.seconds + seconds, self.tokens + tokens, self.steps + 1
+
+    def take(self) -> tuple[float, float]:
+        """(seconds per step, tokens per second) of the window, which then starts anew."""
+        result = (self.seconds / max(self.steps, 1), self.tokens / max(self.seconds, 1e-9))
+        self.seconds, self.tokens, self.steps = 0.0, 0, 0
+        return result
+
+
+def step_record(trainer: Trainer, step: int, result: StepResult, throughput: Throughput, skipped: int) -> dict:
+    cfg, layout = trainer.cfg, trainer.layout
+    step_time, tokens_per_s = throughput.take()
+    return {
+        "step": step,
+        "consumed_tokens": step * cfg.train.global_batch_size * cfg.model.seq_length,
+        "loss": result.report.loss,
+        "lr": current_lr(trainer.optimizer),
+        "grad_norm": result.grad_norm,
+        "step_time_s": step_time,
+        "tokens_per_s": tokens_per_s,
+        "mfu": (tokens_per_s * trainer.flops_per_token / (layout.world_size * trainer.peak_flops)
+                if trainer.peak_flops else None),
+        "skipped_steps": skipped,
+        **result.report.metrics,
+    }
+
+
+def train(cfg: HeftConfig) -> list[dict]:
+    """Train until ``cfg.train.steps``, from a checkpoint if the run directory has one. Returns the
+    records logged by this run (identical on every rank)."""
+    from heft.launcher import checkpoint, output
+    from heft.launcher.preemption import StopRequests
+    from heft.launcher.rundir import already_finished
+    from heft.launcher.watchdog import Watchdog
+    from heft.model.parallel import shutdown
+
+    started = time.perf_counter()
     trainer = build_trainer(cfg)
-    t, layout = cfg.train, trainer.layout
-    writer = MetricsWriter(t.run_dir, enabled=layout.rank == 0, tensorboard=t.tensorboard)
-    records, window_time, window_tokens, skipped, consecutive_skips = [], 0.0, 0, 0, 0
-    for step in range(1, t.steps + 1):
-        start = time.perf_counter()
-        result = trainer.step(step)
-        window_time += time.perf_counter() - start
-        window_tokens += result.report.tokens
-        skipped += int(not result.updated)
-        consecutive_skips = check_nonfinite(cfg, step, result, consecutive_skips)
-        if cfg.reweight.log_sample_weights and result.report.sample_records:
-            writer.write_sample_weights(step, layout.rank, result.report.sample_records)
-        if step % t.log_interval == 0 or step == t.steps:
-            tokens_per_s = window_tokens / window_time
-            record = {
-                "step": step,
-                "consumed_tokens": step * t.global_batch_size * cfg.model.seq_length,
-                "loss": result.report.loss,
-                "lr": current_lr(trainer.optimizer),
-                "grad_norm": result.grad_norm,
-                "step_time_s": window_time / ((step - 1) % t.log_interval + 1),
-                "tokens_per_s": tokens_per_s,
-                "mfu": (tokens_per_s * trainer.flops_per_token / (layout.world_size * trainer.peak_flops)
-                        if trainer.peak_flops else None),
-                "skipped_steps": skipped,
-                **result.report.metrics,
-            }
-            records.append(record)
-            writer.log(record, histogram=result.report.histogram)
-            window_time, window_tokens = 0.0, 0
-        if trainer.evaluator and ((t.eval_interval and step % t.eval_interval == 0)
-                                  or (t.eval_at_end and step == t.steps)):
-            eval_record = {"step": step, **trainer.evaluator.run(step)}
-            records.append(eval_record)
-            writer.log_eval(eval_record)
+    t, layout, progress = cfg.train, trainer.layout, trainer.progress
+    if already_finished(cfg, trainer.start):
+        say(already_finished(cfg, trainer.start))
+        shutdown()
+        return []
+    writer = MetricsWriter(t.run_dir, enabled=layout.rank == 0, tensorboard=t.tensorboard,
+                           resume_step=progress.step)
+    stops = StopRequests(device())
+    watchdog = Watchdog(layout.rank, layout.world_size, t.step_timeout_s, on_timeout=stalled)
+    ckpt_dir = cfg.checkpoint.directory(t.run_dir)
+    say(output.banner(cfg, trainer, resumed_from=trainer.start.checkpoint))
+    records, throughput, saved = [], Throughput(), None
+    try:
+        for step in range(progress.step + 1, t.steps + 1):
+            watchdog.begin(f"step {step}")
+            step_start = time.perf_counter()
+            result = trainer.step(step)
+            throughput.add(time.perf_counter() - step_start, result.report.tokens)
+            progress.step = step
+            progress.skipped_steps += int(not result.updated)
+            progress.consecutive_skips = check_nonfinite(cfg, step, result, progress.consecutive_skips)
+            if cfg.reweight.log_sample_weights and result.report.sample_records:
+                writer.write_sample_weights(step, layout.rank, result.report.sample_records)
+            if step % t.log_interval == 0 or step == t.steps:
+                records.append(step_record(trainer, step, result, throughput, progress.skipped_steps))
+                writer.log(records[-1], histogram=result.report.histogram)
+            stop = stops.agreed()
+            if not stop and trainer.evaluator and ((t.eval_interval and step % t.eval_interval == 0)
+                                                   or (t.eval_at_end and step == t.steps)):
+                watchdog.begin(f"evaluation at step {step}")
+                evaluation = trainer.evaluator.run(step, stop_requested=lambda: bool(stops.agreed()))
+                if evaluation is None:  # a stop request cut it short
+                    stop = stops.agreed()
+                else:
+                    records.append({"step": step, **evaluation})
+                    writer.log_eval(records[-1])
+            if stop or step == t.steps or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+                watchdog.begin(f"checkpoint save at step {step}")
+                saved = checkpoint.save(trainer, progress, ckpt_dir, cfg.checkpoint.keep)
+            watchdog.end()
+            if stop:
+                writer.close()
+                say(f"heft: {stops.name(stop)} received: saved {saved} at step {step}; exiting with "
+                    f"status 75 so the job can be requeued and resume from it")
+                raise StopForRequeue(stops.name(stop))
+    except Exception as exc:
+        if is_collective_failure(exc):
+            raise CollectiveFailure(f"{watchdog.phase or 'the run'}: a collective failed "
+                                    f"({first_line(exc)}); {watchdog.diagnosis()}") from exc
+        raise
+    finally:
+        watchdog.close()
     writer.close()
+    say(output.summary(cfg, records, time.perf_counter() - started, checkpoint=str(saved) if saved else None))
     shutdown()
     return records
+
+
+class StopForRequeue(Exception):
+    """A stop signal was honoured: the checkpoint is saved and the worker exits with status 75."""
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective failed or timed out: another rank died or stopped responding."""
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and (
+        "gloo" in text or "nccl" in text or "connection closed by peer" in text))
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def stalled(message: str) -> None:
+    """The watchdog's verdict: report it and end this process (the others reach the same one)."""
+    import os
+
+    from heft.launcher import reporting
+
+    reporting.report(reporting.EXIT_FAILED, message)
+    os._exit(reporting.EXIT_FAILED)

@@ -1,34 +1,65 @@
-"""Worker entry point: ``python -m launcher.worker CONFIG [key=value ...]`` under torchrun or srun."""
+"""Worker entry point: ``python -m heft.launcher.worker CONFIG [key=value ...]`` under torchrun or srun.
+
+Every way a worker can end is turned into an exit status and, for failures, one report
+(``launcher/reporting.py``); the launching ``heft train`` prints each distinct one once.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+
+from heft.launcher import output
+
+output.filter_known_warnings()  # before megatron-core and streaming are imported
+
+
+def _exit_within(seconds: float, status: int) -> None:
+    """Let normal interpreter shutdown run (streaming frees its shared memory at exit), but never
+    let it hang a failed worker: a daemon timer ends the process regardless."""
+    timer = threading.Timer(seconds, os._exit, args=(status,))
+    timer.daemon = True
+    timer.start()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.loader import DataConfigError
-    from launcher.config import ConfigError, load_config
-    from launcher.environment import prepare_worker_environment
-    from launcher.train import NonFiniteLossError, train
+    from heft.data.config import DataConfigError
+    from heft.launcher import reporting
+    from heft.launcher.checkpoint_files import CheckpointError
+    from heft.launcher.config import ConfigError, load_config
+    from heft.launcher.environment import prepare_worker_environment
+    from heft.launcher.train import CollectiveFailure, NonFiniteLossError, StopForRequeue, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        print("usage: python -m launcher.worker CONFIG [key=value ...]", file=sys.stderr)
-        return 2
+        print("usage: python -m heft.launcher.worker CONFIG [key=value ...]", file=sys.stderr)
+        return reporting.EXIT_USAGE
     if not prepare_worker_environment():
-        print("launcher.worker must run under torchrun or srun; use `heft train` instead",
+        print("heft.launcher.worker must run under torchrun or srun; use `heft train` instead",
               file=sys.stderr)
-        return 2
+        return reporting.EXIT_USAGE
     try:
-        cfg = load_config(argv[0], argv[1:])
-        train(cfg)
-    except (ConfigError, DataConfigError, FileNotFoundError) as exc:
-        print(f"heft: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"heft: stopped: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        train(load_config(argv[0], argv[1:]))
+        return reporting.EXIT_OK
+    except StopForRequeue:
+        status = reporting.EXIT_REQUEUE  # rank 0 said where it saved
+    except KeyboardInterrupt:
+        status = reporting.EXIT_INTERRUPTED  # the launcher says so once
+    except (ConfigError, DataConfigError, CheckpointError, FileNotFoundError, FileExistsError,
+            PermissionError) as exc:
+        status = reporting.EXIT_USAGE
+        reporting.report(status, str(exc))
+    except (NonFiniteLossError, CollectiveFailure) as exc:
+        status = reporting.EXIT_FAILED
+        reporting.report(status, str(exc))
+    except Exception as exc:  # a bug or an upstream failure: keep the traceback, once
+        status = reporting.EXIT_FAILED
+        reporting.report_exception(exc)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _exit_within(10.0, status)
+    return status
 
 
 # The guard matters: dist_checkpointing and streaming spawn helpers that re-import __main__.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from launcher.config import HeftConfig
+from heft.model.config import ModelConfig, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,11 @@ def _importable(module: str) -> bool:
         return False
 
 
-def check_backend_support(cfg: HeftConfig, backends: Backends) -> None:
+def check_backend_support(parallel: ParallelConfig, backends: Backends) -> None:
     """Reject parallel features this process's backends cannot run, before any process starts."""
-    from launcher.config import ConfigError
-
-    if cfg.parallel.context > 1 and not backends.transformer_engine:
-        raise ConfigError(
-            f"parallel.context={cfg.parallel.context} needs Transformer Engine on CUDA (megatron-core's "
+    if parallel.context > 1 and not backends.transformer_engine:
+        raise ValueError(
+            f"parallel.context={parallel.context} needs Transformer Engine on CUDA (megatron-core's "
             f"local attention has no context parallelism); set parallel.context=1 or install "
             f"transformer_engine on a GPU machine"
         )
@@ -67,16 +65,27 @@ def resolve_dtype(precision: str, backends: Backends) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def transformer_config(cfg: HeftConfig, backends: Backends):
+@dataclass(frozen=True)
+class Execution:
+    """How the model runs, as opposed to its shape: number format, activation recompute, init seed."""
+
+    precision: str = "auto"
+    """fp32, bf16, or auto (bf16 on CUDA, fp32 on CPU)."""
+    recompute: str = "none"
+    """none, selective (attention core) or full (whole layers)."""
+    seed: int = 1234
+    """Weight init seed (layout-invariant, model/init.py)."""
+
+
+def transformer_config(m: ModelConfig, p: ParallelConfig, run: Execution, backends: Backends):
     from megatron.core.transformer import TransformerConfig
 
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    dtype = resolve_dtype(t.precision, backends)
+    dtype = resolve_dtype(run.precision, backends)
     fused = backends.cuda  # torch-jit fusions: fine on CUDA, pointless overhead on CPU
     recompute = {}
-    if t.recompute == "full":
+    if run.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif t.recompute == "selective":
+    elif run.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -128,21 +137,20 @@ def layer_spec(backends: Backends):
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
-def build_model_chunks(cfg: HeftConfig, vocab_size: int, backends: Backends) -> list[torch.nn.Module]:
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, run: Execution, vocab_size: int,
+                       backends: Backends) -> list[torch.nn.Module]:
     """One GPTModel per virtual pipeline chunk this rank holds, wrapped in megatron-core DDP."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
 
-    from model.init import initialize_weights
+    from heft.model.init import initialize_weights
 
-    tconfig = transformer_config(cfg, backends)
+    tconfig = transformer_config(model, parallel, run, backends)
     spec = layer_spec(backends)
-    vpp = cfg.parallel.virtual_pipeline
-    padded_vocab = padded_vocab_size(
-        vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor
-    )
+    vpp = parallel.virtual_pipeline
+    padded_vocab = padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by, parallel.tensor)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
@@ -150,22 +158,22 @@ def build_model_chunks(cfg: HeftConfig, vocab_size: int, backends: Backends) -> 
             config=tconfig,
             transformer_layer_spec=spec,
             vocab_size=padded_vocab,
-            max_sequence_length=cfg.model.seq_length,
+            max_sequence_length=model.seq_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            share_embeddings_and_output_weights=model.tie_embeddings,
             position_embedding_type="rope",
-            rotary_base=cfg.model.rotary_base,
+            rotary_base=model.rotary_base,
             vp_stage=stage,
         )
         if backends.cuda:
             gpt.cuda(torch.cuda.current_device())
-        initialize_weights(gpt, cfg, tconfig)
+        initialize_weights(gpt, model, run.seed, tconfig)
         module = Float16Module(tconfig, gpt) if tconfig.bf16 else gpt
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            overlap_grad_reduce=parallel.overlap_grad_reduce,
+            use_distributed_optimizer=parallel.distributed_optimizer,
         )
         chunks.append(
             DistributedDataParallel(

@@ -30,3 +30,12 @@ def peak_flops_per_device() -> float | None:
         if key in name:
             return peak
     return None
+
+
+def parameter_count(num_layers: int, hidden: int, ffn: int, heads: int, query_groups: int,
+                    padded_vocab: int, tied_embeddings: bool) -> int:
+    """Parameters of heft's Llama block model (RMSNorm weights included, no biases)."""
+    kv = hidden * query_groups // heads
+    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * ffn + 2 * hidden
+    embeddings = padded_vocab * hidden * (1 if tied_embeddings else 2)
+    return num_layers * per_layer + embeddings + hidden

@@ -53,17 +53,17 @@ def global_parameter_name(gpt, local_name: str) -> str:
 
 
 @torch.no_grad()
-def initialize_weights(gpt, cfg, tconfig) -> None:
-    """Overwrite every parameter of one GPTModel chunk from (cfg.train.seed, global name)."""
+def initialize_weights(gpt, model, seed: int, tconfig) -> None:
+    """Overwrite every parameter of one GPTModel chunk from (seed, global name); ``model`` is the
+    ModelConfig."""
     from megatron.core import parallel_state as ps
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     tp_size = ps.get_tensor_model_parallel_world_size()
-    seed = cfg.train.seed
-    std = cfg.model.init_std
+    std = model.init_std
     for local_name, param in gpt.named_parameters():
         name = global_parameter_name(gpt, local_name)
-        if name == "output_layer.weight" and cfg.model.tie_embeddings:
+        if name == "output_layer.weight" and model.tie_embeddings:
             # The last stage's copy of the tied embedding (PP > 1) must start equal to it.
             name = "embedding.word_embeddings.weight"
         if param.dim() == 1:
@@ -75,7 +75,7 @@ def initialize_weights(gpt, cfg, tconfig) -> None:
             param.fill_(1.0)
             continue
         scaled = name.endswith(_ROW_PARALLEL)
-        p_std = std / math.sqrt(2.0 * cfg.model.num_layers) if scaled else std
+        p_std = std / math.sqrt(2.0 * model.num_layers) if scaled else std
         dim = 1 if scaled else 0 if name.endswith(_COLUMN_PARALLEL) else None
         if dim is None:
             raise RuntimeError(f"heft init has no sharding rule for parameter {local_name}")

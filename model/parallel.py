@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from launcher.config import HeftConfig, resolve_data_parallel, validate
+from heft.model.config import ParallelConfig
 
 # Data-parallel outermost: the ranks of one data-parallel replica (its TP, CP and PP ranks) are
 # consecutive, which is what mosaicml-streaming's `replication` needs to hand them identical samples.
@@ -31,21 +31,23 @@ class Layout:
     is_last_stage: bool
 
 
-def initialize(cfg: HeftConfig) -> Layout:
-    """Create the default process group (gloo on CPU, nccl on CUDA) and megatron-core's groups."""
+def initialize(p: ParallelConfig, seed: int, timeout_s: float = 600.0) -> Layout:
+    """Create the default process group (gloo on CPU, nccl on CUDA) and megatron-core's groups.
+
+    The caller has validated the whole config for this world size. ``timeout_s`` bounds every
+    collective: a rank that stops responding becomes an error instead of a hang."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     world_size = int(os.environ["WORLD_SIZE"])
-    validate(cfg, world_size)  # before any group exists: a bad layout fails here, not in a hang
+    data_parallel = p.data_parallel_size(world_size)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
-            timeout=datetime.timedelta(minutes=10),
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
-    p = cfg.parallel
     ps.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
@@ -54,8 +56,8 @@ def initialize(cfg: HeftConfig) -> Layout:
         order=RANK_ORDER,
     )
     # Dropout streams (heft's Llama block has no dropout, but recompute and future configs do).
-    torch.manual_seed(cfg.train.seed)
-    model_parallel_cuda_manual_seed(cfg.train.seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
     return Layout(
         rank=dist.get_rank(),
         world_size=world_size,
@@ -63,7 +65,7 @@ def initialize(cfg: HeftConfig) -> Layout:
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
         cp_rank=ps.get_context_parallel_rank(),
-        data_parallel=resolve_data_parallel(p, world_size),
+        data_parallel=data_parallel,
         is_first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
         is_last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
     )

@@ -30,10 +30,8 @@ PRESETS: dict[str, dict] = {
 
 def apply_preset(model_cfg) -> None:
     """Fill unset (None) fields of a ModelConfig from its preset, in place."""
-    from launcher.config import ConfigError
-
     if model_cfg.preset not in PRESETS:
-        raise ConfigError(
+        raise ValueError(
             f"model.preset={model_cfg.preset!r} is unknown; known presets: {', '.join(PRESETS)}"
         )
     for key, value in PRESETS[model_cfg.preset].items():

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from reweighting.schedule import temperature_at
-from reweighting.strategies import Strategy, get_strategy, minmax_normalise
+from heft.reweighting.schedule import temperature_at
+from heft.reweighting.strategies import Strategy, get_strategy, minmax_normalise
 
 HISTOGRAM_BIN = 0.1  # relative weight units (uniform weight = 1)
 HISTOGRAM_BINS = 41  # [0, 0.1), ..., [3.9, 4.0), [4.0, inf)
@@ -100,6 +100,24 @@ class LossReduction:
 
         self._megatron_finalize = finalize_model_grads
         model_config.finalize_model_grads_func = self.finalize_model_grads
+
+    # --- checkpoint ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the next step's weights depend on. Collective over the world: the lagged min/max
+        live on the last pipeline stage, and every rank returns the same dict."""
+        minmax = torch.full((2,), -math.inf, dtype=torch.float64, device=self.roles.device)
+        if self.lagged_minmax is not None:
+            minmax = torch.tensor([-self.lagged_minmax[0], self.lagged_minmax[1]], dtype=torch.float64,
+                                  device=self.roles.device)
+        dist.all_reduce(minmax, op=dist.ReduceOp.MAX)
+        known = bool(torch.isfinite(minmax).all())
+        return {"lagged_minmax": [-minmax[0].item(), minmax[1].item()] if known else None,
+                "running_mean": self.running_mean}
+
+    def load_state_dict(self, state: dict) -> None:
+        minmax = state.get("lagged_minmax")
+        self.lagged_minmax = (float(minmax[0]), float(minmax[1])) if minmax else None
+        self.running_mean = state.get("running_mean")
 
     # --- per step ----------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 # A child `heft` must decide for itself whether it is a worker: never inherit these.
@@ -23,7 +22,6 @@ _DISTRIBUTED_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MA
 
 def heft_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_VARS and not k.startswith("SLURM_")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
     return env
@@ -31,7 +29,7 @@ def heft_env() -> dict[str, str]:
 
 def run_heft(args: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real `heft` CLI in a subprocess (it launches torchrun itself)."""
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, env=heft_env(),
+    proc = subprocess.run([sys.executable, "-m", "heft.launcher.cli", *args], cwd=REPO, env=heft_env(),
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"heft {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -48,8 +46,9 @@ def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
 def one_process_world(cfg):
     """A real one-rank gloo group and megatron-core's parallel state inside the pytest process.
     The environment it needs is restored afterwards, so child `heft` runs never inherit it."""
-    from model import cpu_compat
-    from model.parallel import initialize, shutdown
+    from heft.model import cpu_compat
+    from heft.launcher.train import start_processes
+    from heft.model.parallel import shutdown
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +58,7 @@ def one_process_world(cfg):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cpu_compat.enable_if_no_cuda()
     try:
-        yield initialize(cfg)
+        yield start_processes(cfg)
         shutdown()
     finally:
         os.environ.clear()
@@ -69,8 +68,8 @@ def one_process_world(cfg):
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """The demo corpus with small per-domain budgets, byte tokenizer, seq_length 64."""
-    from data.demo_corpus import demo_documents
-    from data.prepare import prepare
+    from heft.data.demo_corpus import demo_documents
+    from heft.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("corpus") / "data"
     prepare(demo_documents({"code": 300_000, "docs": 150_000, "legal": 150_000}), out,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_heft
-from launcher.config import ConfigError, load_config, validate
+from heft.launcher.config import ConfigError, load_config, validate
 
 
 def cfg(*overrides, world_size=None):
@@ -73,7 +73,7 @@ def test_cli_rejects_bad_layout_before_launching(tiny_train_config):
 
 
 def _has_transformer_engine() -> bool:
-    from model.build import Backends
+    from heft.model.build import Backends
 
     return Backends.detect().transformer_engine
 

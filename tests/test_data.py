@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, heft_env, run_heft
-from data.prepare import load_manifest, prepare, read_documents
-from data.tokenizer import EOS_TEXT, load_tokenizer
+from heft.data.prepare import load_manifest, prepare, read_documents
+from heft.data.tokenizer import EOS_TEXT, load_tokenizer
 
 DOCS = {
     "prose": ["Hello, world!\nSecond line with ünïcödé and emoji 🚀.", "  leading spaces\tand tabs  ",

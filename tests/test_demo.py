@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 from conftest import REPO, heft_env, read_metrics
 
@@ -27,3 +28,20 @@ def test_make_demo_trains_and_loss_falls(tmp_path):
     assert records[-1]["weight_min"] < 1 < records[-1]["weight_max"]
     assert {"domain_code_weight", "domain_docs_weight", "domain_legal_weight", "ess_fraction"} <= set(records[-1])
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # Quiet, clear output: the banner, the step lines, the summary, and no library warnings.
+    out = proc.stdout + proc.stderr
+    assert "heft | model tiny:" in out and "layout TP2 PP1 CP1 DP2 = 4 processes" in out
+    assert "heft | done: 60 steps" in out and f"tensorboard --logdir {run / 'tensorboard'}" in out
+    noise = [line for line in out.splitlines()
+             if "Warning" in line or "warnings.warn" in line or line.startswith(("W1", "I1", "[rank"))]
+    assert not noise, noise
+
+    # heft plot: a PNG a person can look at.
+    import matplotlib.image
+
+    plotted = subprocess.run([sys.executable, "-m", "heft.launcher.cli", "plot", str(run)], env=heft_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert plotted.returncode == 0, plotted.stderr
+    image = matplotlib.image.imread(run / "plots.png")
+    assert image.shape[:2] == (800, 1200)
+    assert image[..., :3].std() > 0.05  # not a blank canvas

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from launcher.cli import build_parser, torchrun_command
-from launcher.config import load_config
-from launcher.environment import first_slurm_host, is_srun_task, is_torchrun_worker, torch_env_from_slurm
+from heft.launcher.cli import build_parser, torchrun_arguments
+from heft.launcher.config import load_config
+from heft.launcher.environment import first_slurm_host, is_srun_task, is_torchrun_worker, torch_env_from_slurm
 
 
 def test_torchrun_and_srun_detection():
@@ -37,10 +37,11 @@ def test_first_slurm_host_without_scontrol():
 def test_heft_train_builds_the_torchrun_command(tmp_path):
     cfg = load_config(None, ["parallel.tensor=2", "parallel.data=2"])
     args = build_parser().parse_args(["train", "c.yaml", "parallel.tensor=2", "parallel.data=2"])
-    cmd = torchrun_command(args, cfg)
-    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone"]
-    assert cmd[-4:] == ["launcher.worker", "c.yaml", "parallel.tensor=2", "parallel.data=2"]
+    cmd = torchrun_arguments(args, cfg)
+    assert cmd[:2] == ["--nproc-per-node=4", "--standalone"]
+    assert cmd[-5:] == ["-m", "heft.launcher.worker", "c.yaml", "parallel.tensor=2", "parallel.data=2"]
     multi = build_parser().parse_args(["train", "c.yaml", "--nnodes", "2", "--nproc-per-node", "2",
-                                       "--rdzv-endpoint", "h:29400"])
-    cmd = torchrun_command(multi, cfg)
+                                       "--rdzv-endpoint", "h:29400", "--node-rank", "1"])
+    cmd = torchrun_arguments(multi, cfg)
+    assert "--node-rank=1" in cmd
     assert "--nnodes=2" in cmd and "--rdzv-endpoint=h:29400" in cmd and "--standalone" not in cmd

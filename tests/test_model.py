@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from conftest import one_process_world
-from launcher.config import load_config
-from model.build import Backends, build_model_chunks, padded_vocab_size, unwrap
-from model.flops import flops_per_token
+from heft.launcher.config import load_config
+from heft.launcher.train import build_model
+from heft.model.build import Backends, padded_vocab_size, unwrap
+from heft.model.flops import flops_per_token
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     cfg = load_config(None, ["model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=2"])
     with one_process_world(cfg):
-        chunks = build_model_chunks(cfg, vocab_size=257, backends=Backends.detect())
+        chunks = build_model(cfg, 257, Backends.detect())
         yield cfg, unwrap(chunks[0])
 
 
@@ -60,7 +61,7 @@ def test_vocab_padding_does_not_depend_on_tensor_parallel_size():
 
 
 def test_cpu_compat_maps_cuda_allocations_to_cpu(tiny_model):
-    from model import cpu_compat
+    from heft.model import cpu_compat
 
     assert cpu_compat.is_active() != torch.cuda.is_available()
     if cpu_compat.is_active():

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import one_process_world
-from data.loader import Batch
-from launcher.config import load_config
+from heft.data.loader import Batch
+from heft.launcher.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +22,14 @@ def setup():
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
-    from launcher.train import build_loss_reduction
-    from model.build import Backends, build_model_chunks, unwrap
+    from heft.launcher.train import build_loss_reduction, build_model
+    from heft.model.build import Backends, unwrap
 
     cfg = load_config(None, ["model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
                              "parallel.overlap_grad_reduce=false", "reweight.strategy=linupper",
                              "reweight.temperature=0.5"])
     with one_process_world(cfg) as layout:
-        chunks = build_model_chunks(cfg, vocab_size=257, backends=Backends.detect())
+        chunks = build_model(cfg, 257, Backends.detect())
         reduction = build_loss_reduction(cfg, layout, ["a", "b"])
         reduction.install(get_model_config(chunks[0]))
         yield cfg, chunks[0], unwrap(chunks[0]), reduction, get_forward_backward_func()
@@ -47,7 +47,7 @@ def _grads(gpt):
 
 
 def test_parameter_gradient_is_that_of_the_weighted_loss(setup):
-    from launcher.step import make_forward_step
+    from heft.launcher.step import make_forward_step
 
     cfg, ddp, gpt, reduction, forward_backward = setup
     tokens = torch.randint(0, 257, (4, 33), generator=torch.Generator().manual_seed(3))
@@ -83,7 +83,7 @@ def test_parameter_gradient_is_that_of_the_weighted_loss(setup):
 
 
 def test_large_temperature_gives_the_plain_mean_gradient(setup):
-    from launcher.step import make_forward_step
+    from heft.launcher.step import make_forward_step
 
     cfg, ddp, gpt, reduction, forward_backward = setup
     tokens = torch.randint(0, 257, (4, 33), generator=torch.Generator().manual_seed(4))

@@ -40,4 +40,5 @@ def test_skip_policy_counts_skipped_steps_then_stops(tiny_train_config, tmp_path
                      "train.max_consecutive_skips=3", "reweight.strategy=linupper"], check=False)
     assert proc.returncode != 0
     assert "heft: skipping step" in proc.stdout
-    assert "3 consecutive steps skipped" in proc.stderr and "NaN/inf" in proc.stderr
+    assert "3 consecutive steps skipped" in proc.stderr
+    assert "NaN/inf" in proc.stderr or "gradient norm is nan" in proc.stderr

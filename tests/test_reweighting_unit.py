@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.config import ConfigError, ReweightConfig, load_config
-from reweighting.reduction import LossReduction, Roles, _uniform_hash
-from reweighting.schedule import temperature_at
+from heft.launcher.config import ConfigError, ReweightConfig, load_config
+from heft.reweighting.reduction import LossReduction, Roles, _uniform_hash
+from heft.reweighting.schedule import temperature_at
 
 RNG = np.random.default_rng(0)
 

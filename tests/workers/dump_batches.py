@@ -8,15 +8,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main():
-    from launcher.config import load_config
-    from launcher.train import replica_batches
-    from model import cpu_compat
-    from model.parallel import initialize, shutdown
+    from heft.launcher.config import load_config
+    from heft.launcher.train import replica_batches
+    from heft.model import cpu_compat
+    from heft.launcher.train import start_processes
+    from heft.model.parallel import shutdown
 
     out_dir, steps, config, *overrides = sys.argv[1:]
     cpu_compat.enable_if_no_cuda()
     cfg = load_config(config, overrides)
-    layout = initialize(cfg)
+    layout = start_processes(cfg)
     batches = replica_batches(cfg, layout.data_parallel)
     seen = []
     for _ in range(int(steps)):

@@ -1,0 +1,221 @@
+"""What a heft checkpoint holds, and how it is saved and loaded under any parallel layout.
+
+A checkpoint directory (``checkpoint_files.py`` says how it is named and made complete) holds:
+
+* megatron-core ``dist_checkpointing`` files (``torch_dist`` format): every model chunk under
+  ``model<i>`` and the optimizer, keyed by global parameter names, so they load under any TP / PP /
+  VPP / DP layout; the distributed optimizer writes its ``fully_reshardable`` form, which a plain
+  optimizer (or another DP size) loads too;
+* ``heft/state.json`` (rank 0): step, consumed samples and tokens, the LR scheduler, the loss
+  reduction's lagged statistics, skip counters, the data position, the model's shape and the whole
+  resolved config, and the layout it was written under;
+* ``heft/rng_<rank>.pt`` (every rank): RNG states, restored only under the same layout (under
+  another, each rank is reseeded from (seed, step): heft's model has no dropout, and data order and
+  reweighting draw from counters, not RNG streams).
+
+Nothing is unpickled on load except tensors (``weights_only``) and megatron's metadata after it
+passed the allow-list in ``checkpoint_files.verify``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from heft.launcher import checkpoint_files as files
+from heft.launcher.checkpoint_files import CheckpointError
+
+FORMAT = "heft-checkpoint/1"
+# fully_reshardable: the distributed optimizer's state in per-parameter form, loadable under any DP
+# size and by the plain optimizer. dp_reshardable is faster but ties the checkpoint to TP x PP.
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# The fields whose change makes a checkpoint another model.
+MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                      "ffn_hidden_size", "tie_embeddings", "make_vocab_size_divisible_by")
+
+
+@dataclass
+class Progress:
+    """Where training stands: restored from a checkpoint, carried by the loop."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+
+def _without_extra_state(tree: dict) -> dict:
+    """Drop the layers' ``_extra_state`` entries. They are ShardedObjects, which torch's checkpoint
+    reader unpickles without restriction; megatron-core's local layers keep nothing in them (None),
+    TE layers only FP8 scaling history, which heft does not use. No other object may remain."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    kept = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            kept[key] = _without_extra_state(value)
+        elif isinstance(value, ShardedObject):
+            if not key.endswith("_extra_state"):
+                raise CheckpointError(f"heft does not save pickled objects, but megatron-core offered {key}")
+        else:
+            kept[key] = value
+    return kept
+
+
+def _sharded_state(trainer, is_loading: bool) -> dict:
+    from heft.model.build import unwrap
+
+    state = {f"model{i}": _without_extra_state(unwrap(chunk).sharded_state_dict(metadata=dict(SHARDING_METADATA)))
+             for i, chunk in enumerate(trainer.chunks)}
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                              metadata=dict(SHARDING_METADATA))
+    return state
+
+
+def _layout_signature(trainer) -> dict:
+    p = trainer.cfg.parallel
+    return {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
+            "context": p.context, "data": trainer.layout.data_parallel,
+            "distributed_optimizer": p.distributed_optimizer}
+
+
+def _model_signature(trainer) -> dict:
+    m = trainer.cfg.model
+    return {**{k: getattr(m, k) for k in MODEL_SHAPE_FIELDS}, "vocab_size": trainer.vocab_size}
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"cpu": torch.get_rng_state(),
+             "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _reseed(seed: int, step: int) -> None:
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed + step)
+    model_parallel_cuda_manual_seed(seed + step)
+
+
+def save(trainer, progress: Progress, ckpt_dir: Path, keep: int) -> Path:
+    """Save on every rank (collective); returns the complete checkpoint's path."""
+    from megatron.core import dist_checkpointing
+
+    rank = trainer.layout.rank
+    step = progress.step
+    partial = files.partial_dir(ckpt_dir, step)
+    if rank == 0:
+        files.remove_stale_partials(ckpt_dir)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    # Collective parts first (the reduction's statistics, megatron's save), then the files.
+    reduction_state = trainer.reduction.state_dict()
+    dist_checkpointing.save(_sharded_state(trainer, is_loading=False), str(partial),
+                            validate_access_integrity=True)
+    heft_dir = partial / files.HEFT_DIR
+    if rank == 0:
+        heft_dir.mkdir(exist_ok=True)
+    dist.barrier()
+    torch.save(_rng_state(), heft_dir / f"rng_{rank}.pt")
+    if rank == 0:
+        cfg = trainer.cfg
+        state = {
+            "format": FORMAT,
+            "step": step,
+            "consumed_samples": step * cfg.train.global_batch_size,
+            "consumed_tokens": step * cfg.train.global_batch_size * cfg.model.seq_length,
+            "skipped_steps": progress.skipped_steps,
+            "consecutive_skips": progress.consecutive_skips,
+            "scheduler": trainer.scheduler.state_dict(),
+            "reduction": reduction_state,
+            "data": trainer.batches.state_dict(),
+            "model": _model_signature(trainer),
+            "layout": _layout_signature(trainer),
+            "world_size": trainer.layout.world_size,
+            "config": cfg.to_dict(),
+            "saved_at": time.time(),
+        }
+        files.write_atomically(heft_dir / files.STATE_FILE, json.dumps(state, indent=1) + "\n")
+    dist.barrier()  # every rank's files are written
+    final = ckpt_dir / files.name(step)
+    if rank == 0:
+        files.commit(ckpt_dir, step, keep)
+    dist.barrier()  # nobody goes on (or exits) before the checkpoint is complete
+    return final
+
+
+def check_compatible(trainer, state: dict, path: Path) -> None:
+    """A checkpoint of another model fails here, before any weight is touched."""
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {state.get('format')!r}, not {FORMAT}")
+    ours, theirs = _model_signature(trainer), state["model"]
+    differ = [f"{key} {theirs.get(key)} (checkpoint) vs {ours[key]} (this run)"
+              for key in ours if theirs.get(key) != ours[key]]
+    if differ:
+        raise CheckpointError(
+            f"{path} holds another model: {'; '.join(differ)}. Use the config the checkpoint was "
+            f"trained with (its heft/state.json has it), or checkpoint.load=none with a new "
+            f"train.run_dir to train this model from scratch")
+    if state["config"]["train"]["global_batch_size"] != trainer.cfg.train.global_batch_size:
+        raise CheckpointError(
+            f"{path} was trained with train.global_batch_size="
+            f"{state['config']['train']['global_batch_size']}, this run has "
+            f"{trainer.cfg.train.global_batch_size}; resuming exactly needs the same global batch")
+
+
+def load(trainer, path: Path, state: dict) -> Progress:
+    """Load a verified checkpoint into the built trainer under its own layout (collective)."""
+    from megatron.core import dist_checkpointing
+
+    from heft.model.build import unwrap
+
+    check_compatible(trainer, state, path)
+    loaded = dist_checkpointing.load(_sharded_state(trainer, is_loading=True), str(path),
+                                     validate_access_integrity=True)
+    for i, chunk in enumerate(trainer.chunks):
+        unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(trainer.optimizer)
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.reduction.load_state_dict(state["reduction"])
+    rng_file = path / files.HEFT_DIR / f"rng_{trainer.layout.rank}.pt"
+    if state["layout"] == _layout_signature(trainer) and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        _reseed(trainer.cfg.train.seed, state["step"])
+    return Progress(step=state["step"], skipped_steps=state["skipped_steps"],
+                    consecutive_skips=state["consecutive_skips"])
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """torch's Adam increments each parameter's ``step`` tensor in place; a load that leaves one
+    tensor shared by many parameters would advance it many times per step and corrupt the bias
+    correction. Give every parameter its own copy."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if inner is None:
+            continue
+        seen = set()
+        for param_state in inner.state.values():
+            step = param_state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    param_state["step"] = step.clone()
+                seen.add(id(param_state["step"]))

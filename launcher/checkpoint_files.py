@@ -1,0 +1,182 @@
+"""Checkpoints on disk: names, atomic completion, the ``latest`` pointer, pruning, verification.
+
+Protocol (``CKPT_DIR`` is ``checkpoint.dir``, by default ``RUN_DIR/checkpoints``)::
+
+    CKPT_DIR/step_<N>.partial/   being written by every rank; never read
+    CKPT_DIR/step_<N>/           complete: renamed from .partial by rank 0 after every rank finished
+    CKPT_DIR/latest              the name of the newest complete checkpoint, replaced atomically
+                                 after the rename
+
+Older complete checkpoints are pruned only after a newer one is complete, so a crash or a kill at
+any moment leaves ``latest`` naming a complete checkpoint (or no ``latest`` at all).
+
+Verification before loading (:func:`verify`): heft's own state file parses; megatron-core's
+metadata unpickles under an allow-list of the classes torch.distributed.checkpoint writes (nothing
+else is ever unpickled); and every data file the metadata references exists and is long enough.
+A checkpoint that fails is skipped, with a warning naming the file, in favour of the one before.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+PARTIAL = ".partial"
+LATEST = "latest"
+HEFT_DIR = "heft"
+STATE_FILE = "state.json"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used. The message names the file and the fix."""
+
+
+def name(step: int) -> str:
+    return f"step_{step}"
+
+
+def step_of(path: Path) -> int | None:
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p) is not None
+             and (p / HEFT_DIR / STATE_FILE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def partial_dir(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / (name(step) + PARTIAL)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def commit(ckpt_dir: Path, step: int, keep: int) -> Path:
+    """Rank 0, after every rank finished writing: mark step_<N> complete, point latest at it,
+    then prune the oldest complete checkpoints beyond ``keep``."""
+    final = ckpt_dir / name(step)
+    if final.exists():  # the same step saved again (e.g. a signal at the last step): replace it
+        shutil.rmtree(final)
+    os.replace(partial_dir(ckpt_dir, step), final)
+    _fsync_dir(ckpt_dir)
+    write_atomically(ckpt_dir / LATEST, final.name + "\n")
+    for old in complete_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_stale_partials(ckpt_dir: Path) -> None:
+    """Left by a run killed while saving; never complete, never read."""
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.is_dir() and p.name.endswith(PARTIAL):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# --- verification ------------------------------------------------------------------------------
+
+# torch.distributed.checkpoint's metadata is a pickle. These are the only globals it may name.
+_ALLOWED_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+     ("torch.distributed.checkpoint.planner", "LoadItemType"),
+     ("torch.distributed.checkpoint.planner", "WriteItemType"),
+     ("torch.distributed.checkpoint.planner", "WriteItem"),
+     ("torch.distributed.checkpoint.planner", "SavePlan"),
+     ("torch.distributed.checkpoint.planner", "TensorWriteData"),
+     ("torch", "Size"), ("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"),
+     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+     ("torch.serialization", "_get_layout"), ("torch", "strided"), ("torch", "layout")}
+_DTYPE_NAMES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
+                "uint8", "bool", "float8_e4m3fn", "float8_e5m2", "complex64"}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module, attribute):
+        if (module, attribute) in _ALLOWED_GLOBALS or (module == "torch" and attribute in _DTYPE_NAMES):
+            return super().find_class(module, attribute)
+        raise pickle.UnpicklingError(f"{module}.{attribute} is not allowed in checkpoint metadata")
+
+
+def _read_metadata(path: Path):
+    metadata_file = path / ".metadata"
+    if not metadata_file.is_file():
+        raise CheckpointError(f"{metadata_file} is missing")
+    try:
+        return _AllowListUnpickler(io.BytesIO(metadata_file.read_bytes())).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{metadata_file} was refused: {exc}") from None
+    except Exception as exc:
+        raise CheckpointError(f"{metadata_file} is corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def read_state(path: Path) -> dict:
+    state_file = path / HEFT_DIR / STATE_FILE
+    try:
+        return json.loads(state_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_file} is missing: {path} is not a complete heft checkpoint") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{state_file} is corrupt ({exc})") from None
+
+
+def verify(path: Path) -> dict:
+    """Check a checkpoint without loading tensors; returns heft's state. Raises CheckpointError."""
+    state = read_state(path)
+    metadata = _read_metadata(path)
+    needed: dict[str, int] = {}
+    for info in getattr(metadata, "storage_data", {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for relative, size in needed.items():
+        file = path / relative
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if file.stat().st_size < size:
+            raise CheckpointError(f"{file} is truncated ({file.stat().st_size} of {size} bytes)")
+    common = path / "common.pt"
+    if not common.is_file():
+        raise CheckpointError(f"{common} is missing")
+    return state
+
+
+def newest_usable(ckpt_dir: Path, warn) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint that verifies, warning about each newer one that does not."""
+    for path in reversed(complete_checkpoints(ckpt_dir)):
+        try:
+            return path, verify(path)
+        except CheckpointError as exc:
+            warn(f"heft: warning: skipping checkpoint {path}: {exc}; trying the one before")
+    return None

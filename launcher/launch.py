@@ -1,0 +1,124 @@
+"""``heft train`` on a machine: start the workers with torchrun's elastic agent, in this process.
+
+Running the agent in-process (rather than exec'ing ``torchrun``) lets heft own what the user sees
+and what signals do:
+
+* workers write failures to a report directory instead of printing them; when the agent reports
+  failed workers, each distinct message is printed once (``launcher/reporting.py``), and
+  ``heft train`` exits with the workers' status;
+* Ctrl-C (SIGINT) is the agent's: it stops the workers, and heft prints one line;
+* SIGTERM and SIGUSR1 are heft's: they are forwarded to the workers, which save a checkpoint at
+  the next step boundary and exit with status 75 ("requeue me"); the agent is told not to handle
+  SIGTERM itself, since it would kill the workers 30 s later, possibly in the middle of a save.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+from heft.launcher import reporting
+
+WORKER_MODULE = "heft.launcher.worker"
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def torchrun_arguments(nproc_per_node: int, nnodes: int, rdzv_endpoint: str | None, rdzv_id: str,
+                       node_rank: int | None, worker_args: list[str]) -> list[str]:
+    """The torchrun command line that starts ``nproc_per_node`` heft workers on this node."""
+    args = [f"--nproc-per-node={nproc_per_node}"]
+    if nnodes > 1:
+        args += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                 f"--rdzv-id={rdzv_id}"]
+        if node_rank is not None:
+            args.append(f"--node-rank={node_rank}")
+    else:
+        args.append("--standalone")
+    return args + ["-m", WORKER_MODULE, *worker_args]
+
+
+def _worker_processes():
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for child in children:
+        try:
+            if WORKER_MODULE in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _forward(signum, frame) -> None:
+    for worker in _worker_processes():
+        try:
+            worker.send_signal(signum)
+        except Exception:
+            pass
+
+
+def _quiet_agent(verbose: bool) -> None:
+    """The agent logs every worker start and stop as warnings; heft reports the outcome itself."""
+    if not verbose:
+        for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False) -> int:
+    """Run torchrun's agent here; returns the exit status for ``heft train``."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    report_dir = tempfile.mkdtemp(prefix="heft-report-")
+    os.environ[reporting.REPORT_DIR_VAR] = report_dir
+    # SIGTERM stays heft's (forwarded, see the module doc); SIGINT etc. stay the agent's.
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and warn about it
+        nproc = int(next(a for a in torchrun_args if a.startswith("--nproc-per-node=")).split("=")[1])
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    _quiet_agent(verbose)
+    previous = {sig: signal.signal(sig, _forward) for sig in FORWARDED_SIGNALS}
+    try:
+        run(get_args_parser().parse_args(torchrun_args))
+        return reporting.EXIT_OK
+    except ChildFailedError as failed:
+        return _explain_failure(failed, report_dir, world_size)
+    except SignalException as stopped:
+        if stopped.sigval == signal.SIGINT:
+            print("heft: interrupted (Ctrl-C); the workers were stopped", file=sys.stderr, flush=True)
+            return reporting.EXIT_INTERRUPTED
+        print(f"heft: stopped by {stopped.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + int(stopped.sigval)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(report_dir, ignore_errors=True)
+
+
+def _explain_failure(failed, report_dir: str, world_size: int) -> int:
+    failures = failed.failures  # global rank -> ProcessFailure
+    codes = {f.exitcode for f in failures.values()}
+    if codes == {reporting.EXIT_REQUEUE}:
+        return reporting.EXIT_REQUEUE  # rank 0 already said where it saved
+    status, lines = reporting.summarise(reporting.read_reports(report_dir), world_size)
+    if not lines:  # killed before it could report (SIGKILL, out of memory, a segfault)
+        rank, first = min(failures.items(), key=lambda item: item[1].timestamp)
+        how = (f"was killed by {first.signal_name()}" if first.exitcode < 0
+               else f"exited with status {first.exitcode}")
+        lines = [f"heft: failed: rank {rank} {how} without reporting an error"
+                 + ("; out of memory?" if first.exitcode == -9 else "")]
+        status = reporting.EXIT_FAILED
+    for line in lines:
+        print(line, file=sys.stderr)
+    sys.stderr.flush()
+    return status

@@ -1,0 +1,137 @@
+"""The run directory: is it writable, does it already hold a run, and where does this run start?
+
+A directory that already holds a run (its metrics.jsonl has records) is never appended to
+silently: with a checkpoint heft resumes from it, otherwise the run is refused with a message.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from heft.launcher.config import ConfigError
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used as asked. The message names the directory and the fix."""
+
+
+def check_writable(run_dir: str | Path) -> None:
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".heft-write-test-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(
+            f"train.run_dir={run_dir} is not writable ({exc.strerror or exc}); choose a directory "
+            f"you can write to"
+        ) from None
+
+
+def last_logged_step(run_dir: str | Path) -> int | None:
+    """The last step in the run's metrics.jsonl, or None if it has no records."""
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    last = None
+    with open(path) as f:
+        for line in f:
+            try:
+                last = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return last if last is not None else 0
+
+
+@dataclass
+class Start:
+    """How a run starts: fresh, or from a checkpoint (with its verified heft state)."""
+
+    checkpoint: str | None = None
+    state: dict | None = None
+
+    @property
+    def step(self) -> int:
+        return self.state["step"] if self.state else 0
+
+
+def _refuse_earlier_run(run_dir: Path) -> None:
+    step = last_logged_step(run_dir)
+    if step is not None:
+        raise RunDirError(
+            f"train.run_dir={run_dir} already holds a run (metrics.jsonl up to step {step}) and no "
+            f"checkpoint to resume from; choose a new train.run_dir, or delete {run_dir} to start over"
+        )
+
+
+def decide_start(cfg, warn=print) -> Start:
+    """Where this run starts, from train.run_dir and the checkpoint section (see CheckpointConfig.load).
+    ``warn`` receives a line for each newer checkpoint that had to be skipped."""
+    from heft.launcher import checkpoint_files as files
+
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_dir = cfg.checkpoint.directory(cfg.train.run_dir)
+    load = cfg.checkpoint.load
+    existing = files.complete_checkpoints(ckpt_dir)
+    if load == "none":
+        if existing:
+            raise RunDirError(
+                f"{ckpt_dir} already holds checkpoints (newest {existing[-1].name}) and "
+                f"checkpoint.load=none would overwrite them; resume with checkpoint.load=auto, or "
+                f"choose a new train.run_dir")
+        _refuse_earlier_run(run_dir)
+        return Start()
+    if load == "auto":
+        usable = files.newest_usable(ckpt_dir, warn)
+        if usable is None:
+            if existing:
+                raise RunDirError(
+                    f"none of the {len(existing)} checkpoint(s) in {ckpt_dir} can be loaded (see the "
+                    f"warnings above); restore them, or start over with a new train.run_dir")
+            _refuse_earlier_run(run_dir)
+            return Start()
+        path, state = usable
+        return Start(checkpoint=str(path), state=state)
+    path = Path(load)
+    try:
+        state = files.verify(path)
+    except files.CheckpointError as exc:
+        raise RunDirError(f"checkpoint.load={load}: {exc}") from None
+    return Start(checkpoint=str(path), state=state)
+
+
+def decide_start_on_every_rank(cfg, rank: int) -> Start:
+    """Rank 0 inspects the (shared) run directory and decides; every rank gets the same decision or
+    raises the same error, so no rank goes on into a collective alone."""
+    import torch.distributed as dist
+
+    from heft.launcher.reporting import REPORT_DIR_VAR
+
+    verdict: list = [None]
+    if rank == 0:
+        # Under `heft train` the launching process already printed any skipped-checkpoint warning.
+        warn = (lambda line: None) if os.environ.get(REPORT_DIR_VAR) else print
+        try:
+            check_writable(cfg.train.run_dir)
+            verdict[0] = decide_start(cfg, warn=warn)
+        except RunDirError as exc:
+            verdict[0] = str(exc)
+    dist.broadcast_object_list(verdict, src=0)
+    if isinstance(verdict[0], str):
+        raise RunDirError(verdict[0])
+    return verdict[0]
+
+
+def already_finished(cfg, start: Start) -> str | None:
+    """The line to print when the checkpoint is already at train.steps (nothing to train)."""
+    if start.state and start.step >= cfg.train.steps:
+        return (f"heft: {cfg.train.run_dir} already reached step {start.step} of train.steps="
+                f"{cfg.train.steps} ({start.checkpoint}); nothing to do. Raise train.steps to "
+                f"train further")
+    return None
