@@ -84,7 +84,7 @@ def main() -> None:
             nproc, overrides = LAYOUTS[layout]
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                             __file__, "--worker", str(out), str(args.rounds), f"data.path={args.data}",
-                            "train.tensorboard=false", *overrides],
+                            "train.tensorboard=false", f"train.run_dir={tmp}/run", *overrides],
                            check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
             times = json.loads(out.read_text())
         medians = {name: statistics.median(values) * 1000 for name, values in times.items()}

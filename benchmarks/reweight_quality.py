@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import random
 import statistics
 import string
@@ -56,9 +57,8 @@ def main() -> None:
     results = {}
     for arm, overrides in ARMS.items():
         run_dir = work / arm.replace(" ", "_").replace("=", "")
-        if run_dir.exists():
-            for f in run_dir.glob("metrics.jsonl"):
-                f.unlink()
+        if run_dir.exists():  # the benchmark's own earlier run: start it afresh
+            shutil.rmtree(run_dir)
         subprocess.run([sys.executable, "-m", "heft.launcher.cli", "train", str(REPO / "configs" / "demo.yaml"),
                         f"data.path={data}", "data.proportions={code: 0.3, docs: 0.2, legal: 0.2, redundant: 0.15, noise: 0.15}",
                         "parallel.tensor=1", "parallel.data=2", f"train.steps={args.steps}", "train.log_interval=10",

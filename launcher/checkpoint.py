@@ -114,28 +114,70 @@ def _reseed(seed: int, step: int) -> None:
     model_parallel_cuda_manual_seed(seed + step)
 
 
-def save(trainer, progress: Progress, ckpt_dir: Path, keep: int) -> Path:
-    """Save on every rank (collective); returns the complete checkpoint's path."""
-    from megatron.core import dist_checkpointing
+class Saver:
+    """Saves checkpoints (collective), in the foreground or, with ``checkpoint.async_save``, with
+    megatron-core's asynchronous save: tensors are staged and written by a background process while
+    training goes on; the checkpoint becomes complete (renamed, ``latest`` updated) when every rank's
+    write has finished, which :meth:`poll` checks at each step boundary. One save is in flight at most."""
 
-    rank = trainer.layout.rank
-    step = progress.step
-    partial = files.partial_dir(ckpt_dir, step)
-    if rank == 0:
-        files.remove_stale_partials(ckpt_dir)
-        partial.mkdir(parents=True)
-    dist.barrier()
-    # Collective parts first (the reduction's statistics, megatron's save), then the files.
-    reduction_state = trainer.reduction.state_dict()
-    dist_checkpointing.save(_sharded_state(trainer, is_loading=False), str(partial),
-                            validate_access_integrity=True)
-    heft_dir = partial / files.HEFT_DIR
-    if rank == 0:
-        heft_dir.mkdir(exist_ok=True)
-    dist.barrier()
-    torch.save(_rng_state(), heft_dir / f"rng_{rank}.pt")
-    if rank == 0:
-        cfg = trainer.cfg
+    def __init__(self, trainer, ckpt_dir: Path, keep: int, async_save: bool = False):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.trainer, self.ckpt_dir, self.keep = trainer, ckpt_dir, keep
+        self.queue = AsyncCallsQueue() if async_save else None
+
+    def save(self, progress: Progress) -> Path:
+        """Start saving ``progress.step``; returns the path the complete checkpoint will have."""
+        from megatron.core import dist_checkpointing
+
+        trainer, rank, step = self.trainer, self.trainer.layout.rank, progress.step
+        self.finish()  # the previous asynchronous save, if any, completes first
+        partial = files.partial_dir(self.ckpt_dir, step)
+        if rank == 0:
+            files.remove_stale_partials(self.ckpt_dir)
+            partial.mkdir(parents=True)
+        dist.barrier()
+        reduction_state = trainer.reduction.state_dict()  # collective
+        request = dist_checkpointing.save(_sharded_state(trainer, is_loading=False), str(partial),
+                                          validate_access_integrity=True,
+                                          async_sharded_save=self.queue is not None)
+        self._write_heft_files(partial, progress, reduction_state)
+        if self.queue is not None:
+            # megatron-core runs finalize functions on every rank once all ranks' writes are done.
+            request = request._replace(finalize_fns=[*request.finalize_fns, self._commit_on_rank0(step)])
+            self.queue.schedule_async_request(request)
+        else:
+            dist.barrier()  # every rank's files are written
+            self._commit_on_rank0(step)()
+            dist.barrier()  # nobody goes on (or exits) before the checkpoint is complete
+        return self.ckpt_dir / files.name(step)
+
+    def poll(self) -> None:
+        """Complete a finished asynchronous save (collective; nothing to do when saving in the foreground)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def finish(self) -> None:
+        """Wait for an asynchronous save in flight and complete it (collective)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+
+    def _commit_on_rank0(self, step: int):
+        def commit() -> None:
+            if self.trainer.layout.rank == 0:
+                files.commit(self.ckpt_dir, step, self.keep)
+        return commit
+
+    def _write_heft_files(self, partial: Path, progress: Progress, reduction_state: dict) -> None:
+        trainer, rank = self.trainer, self.trainer.layout.rank
+        heft_dir = partial / files.HEFT_DIR
+        if rank == 0:
+            heft_dir.mkdir(exist_ok=True)
+        dist.barrier()
+        torch.save(_rng_state(), heft_dir / f"rng_{rank}.pt")
+        if rank != 0:
+            return
+        cfg, step = trainer.cfg, progress.step
         state = {
             "format": FORMAT,
             "step": step,
@@ -153,12 +195,6 @@ def save(trainer, progress: Progress, ckpt_dir: Path, keep: int) -> Path:
             "saved_at": time.time(),
         }
         files.write_atomically(heft_dir / files.STATE_FILE, json.dumps(state, indent=1) + "\n")
-    dist.barrier()  # every rank's files are written
-    final = ckpt_dir / files.name(step)
-    if rank == 0:
-        files.commit(ckpt_dir, step, keep)
-    dist.barrier()  # nobody goes on (or exits) before the checkpoint is complete
-    return final
 
 
 def check_compatible(trainer, state: dict, path: Path) -> None:

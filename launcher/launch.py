@@ -67,9 +67,13 @@ def _forward(signum, frame) -> None:
 
 
 def _quiet_agent(verbose: bool) -> None:
-    """The agent logs every worker start and stop as warnings; heft reports the outcome itself."""
-    if not verbose:
-        for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+    """The agent logs every worker start and stop as warnings; heft reports the outcome itself.
+    Its module loggers set their own levels, so each one is quieted, not just the parent."""
+    if verbose:
+        return
+    prefixes = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
+    for name in [*logging.root.manager.loggerDict, *prefixes]:
+        if name.startswith(prefixes):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
@@ -107,10 +111,12 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
 
 def _explain_failure(failed, report_dir: str, world_size: int) -> int:
     failures = failed.failures  # global rank -> ProcessFailure
-    codes = {f.exitcode for f in failures.values()}
-    if codes == {reporting.EXIT_REQUEUE}:
-        return reporting.EXIT_REQUEUE  # rank 0 already said where it saved
-    status, lines = reporting.summarise(reporting.read_reports(report_dir), world_size)
+    reports = reporting.read_reports(report_dir)
+    if not reports and any(f.exitcode == reporting.EXIT_REQUEUE for f in failures.values()):
+        # Saved and stopped on a signal; ranks still exiting when the agent noticed the first one
+        # were terminated by it, which changes nothing. Rank 0 already said where it saved.
+        return reporting.EXIT_REQUEUE
+    status, lines = reporting.summarise(reports, world_size)
     if not lines:  # killed before it could report (SIGKILL, out of memory, a segfault)
         rank, first = min(failures.items(), key=lambda item: item[1].timestamp)
         how = (f"was killed by {first.signal_name()}" if first.exitcode < 0

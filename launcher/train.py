@@ -257,7 +257,8 @@ def train(cfg: HeftConfig) -> list[dict]:
                            resume_step=progress.step)
     stops = StopRequests(device())
     watchdog = Watchdog(layout.rank, layout.world_size, t.step_timeout_s, on_timeout=stalled)
-    ckpt_dir = cfg.checkpoint.directory(t.run_dir)
+    saver = checkpoint.Saver(trainer, cfg.checkpoint.directory(t.run_dir), cfg.checkpoint.keep,
+                             cfg.checkpoint.async_save)
     say(output.banner(cfg, trainer, resumed_from=trainer.start.checkpoint))
     records, throughput, saved = [], Throughput(), None
     try:
@@ -274,36 +275,55 @@ def train(cfg: HeftConfig) -> list[dict]:
             if step % t.log_interval == 0 or step == t.steps:
                 records.append(step_record(trainer, step, result, throughput, progress.skipped_steps))
                 writer.log(records[-1], histogram=result.report.histogram)
+            saver.poll()
             stop = stops.agreed()
-            if not stop and trainer.evaluator and ((t.eval_interval and step % t.eval_interval == 0)
-                                                   or (t.eval_at_end and step == t.steps)):
+            if not stop and evaluation_due(cfg, step) and trainer.evaluator:
                 watchdog.begin(f"evaluation at step {step}")
-                evaluation = trainer.evaluator.run(step, stop_requested=lambda: bool(stops.agreed()))
-                if evaluation is None:  # a stop request cut it short
-                    stop = stops.agreed()
-                else:
-                    records.append({"step": step, **evaluation})
-                    writer.log_eval(records[-1])
-            if stop or step == t.steps or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+                stop = evaluate(trainer, step, stops, writer, records)
+            if stop or checkpoint_due(cfg, step):
                 watchdog.begin(f"checkpoint save at step {step}")
-                saved = checkpoint.save(trainer, progress, ckpt_dir, cfg.checkpoint.keep)
-            watchdog.end()
+                saved = saver.save(progress)
             if stop:
+                saver.finish()
                 writer.close()
                 say(f"heft: {stops.name(stop)} received: saved {saved} at step {step}; exiting with "
                     f"status 75 so the job can be requeued and resume from it")
                 raise StopForRequeue(stops.name(stop))
+            watchdog.end()
     except Exception as exc:
         if is_collective_failure(exc):
             raise CollectiveFailure(f"{watchdog.phase or 'the run'}: a collective failed "
                                     f"({first_line(exc)}); {watchdog.diagnosis()}") from exc
-        raise
-    finally:
         watchdog.close()
+        raise
+    watchdog.begin("the final checkpoint save")
+    saver.finish()
+    watchdog.close()
     writer.close()
     say(output.summary(cfg, records, time.perf_counter() - started, checkpoint=str(saved) if saved else None))
     shutdown()
     return records
+
+
+def evaluation_due(cfg: HeftConfig, step: int) -> bool:
+    t = cfg.train
+    return bool((t.eval_interval and step % t.eval_interval == 0) or (t.eval_at_end and step == t.steps))
+
+
+def checkpoint_due(cfg: HeftConfig, step: int) -> bool:
+    """At every checkpoint.interval steps and always at the last step."""
+    return step == cfg.train.steps or bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
+
+
+def evaluate(trainer: Trainer, step: int, stops, writer: MetricsWriter, records: list) -> int:
+    """Held-out loss per domain, logged; a stop request cuts it short. Returns the agreed stop
+    signal (0: none)."""
+    evaluation = trainer.evaluator.run(step, stop_requested=lambda: bool(stops.agreed()))
+    if evaluation is None:
+        return stops.agreed()
+    records.append({"step": step, **evaluation})
+    writer.log_eval(records[-1])
+    return 0
 
 
 class StopForRequeue(Exception):

@@ -78,7 +78,10 @@ class Watchdog:
         if self._store is None:
             return "the job's store is unreachable, so the stalled rank is unknown (rank 0 may have stopped)"
         before = self._counters()
-        time.sleep(3 * HEARTBEAT_S)
+        for _ in range(3):  # keep beating meanwhile: the other ranks may be diagnosing too
+            self._beat()
+            time.sleep(HEARTBEAT_S)
+        self._beat()
         after = self._counters()
         if before is None or after is None:
             return "the job's store is unreachable, so the stalled rank is unknown (rank 0 may have stopped)"

@@ -1,0 +1,279 @@
+"""Checkpoint and resume through the `heft` CLI with real torchrun workers on gloo: exact resume,
+resharding onto other layouts, kill -9, preemption signals, damaged and foreign checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import heft_env, read_metrics, run_heft
+
+HEFT = str(Path(sys.executable).parent / "heft")
+REWEIGHT = ["reweight.strategy=linupper", "reweight.temperature=1.0"]
+TP2_PP2 = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.data=1"]
+RTOL = 1e-5
+
+
+def _train(config, run_dir, steps, *overrides, check=True):
+    return run_heft(["train", str(config), f"train.run_dir={run_dir}", f"train.steps={steps}",
+                     "checkpoint.interval=3", *REWEIGHT, *overrides], check=check)
+
+
+def _losses(run_dir) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)}
+
+
+def _assert_same_steps(got: dict, ref: dict, steps, rel=0.0):
+    for step in steps:
+        assert got[step][0] == pytest.approx(ref[step][0], rel=rel, abs=0), f"step {step} loss"
+        assert got[step][1] == pytest.approx(ref[step][1], rel=max(rel, 1e-12)), f"step {step} grad norm"
+
+
+@pytest.fixture(scope="module")
+def tp2_pp2_straight(tiny_train_config, tmp_path_factory):
+    """The uninterrupted reference: 6 steps under TP2 x PP2, checkpoints at steps 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    _train(tiny_train_config, run_dir, 6, *TP2_PP2)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, layout", [
+    ("tp2_pp2_global", TP2_PP2),
+    ("pp2_vpp2_dp2_microbatch", ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.data=2",
+                                 "reweight.scope=microbatch"]),
+])
+def test_resumed_run_equals_the_uninterrupted_run(name, layout, tiny_train_config, tmp_path,
+                                                  tp2_pp2_straight):
+    straight = tp2_pp2_straight if name == "tp2_pp2_global" else tmp_path / "straight"
+    if name != "tp2_pp2_global":
+        _train(tiny_train_config, straight, 6, *layout)
+    resumed = tmp_path / "resumed"
+    _train(tiny_train_config, resumed, 3, *layout)
+    proc = _train(tiny_train_config, resumed, 6, *layout)  # the same command, more steps: resumes
+    assert f"resuming from {resumed / 'checkpoints' / 'step_3'}" in proc.stdout
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4, 5, 6]  # no duplicates
+    # fp32 on CPU: bitwise equal losses and gradient norms at every step after the resume, so the
+    # weights, optimizer moments, LR, data position and lagged statistics were all restored.
+    _assert_same_steps(_losses(resumed), _losses(straight), range(1, 7))
+    state = json.loads((resumed / "checkpoints" / "step_6" / "heft" / "state.json").read_text())
+    assert state["step"] == 6 and state["consumed_samples"] == 48
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, layout", [
+    ("dp4_distributed_optimizer", ["parallel.data=4", "parallel.distributed_optimizer=true"]),
+    ("single_process", ["parallel.data=1"]),
+])
+def test_checkpoint_reshards_onto_another_layout(name, layout, tiny_train_config, tmp_path, tp2_pp2_straight):
+    """A TP2 x PP2 checkpoint continued under another layout gives the losses of continuing under
+    TP2 x PP2. Step 5 and 6 depend on the Adam moments, so the optimizer state resharded too."""
+    source = tp2_pp2_straight / "checkpoints" / "step_3"
+    run_dir = tmp_path / name
+    proc = _train(tiny_train_config, run_dir, 6, *layout, f"checkpoint.load={source}")
+    assert f"resuming from {source}" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == [4, 5, 6]
+    _assert_same_steps(_losses(run_dir), _losses(tp2_pp2_straight), range(4, 7), rel=RTOL)
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_then_the_same_command_finishes_equal(tiny_train_config, tmp_path):
+    layout = ["parallel.data=2"]
+    straight = tmp_path / "straight"
+    _train(tiny_train_config, straight, 12, *layout)
+    run_dir = tmp_path / "killed"
+    command = [HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=12",
+               "checkpoint.interval=3", *REWEIGHT, *layout]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    kill_at = random.Random().randint(4, 9)
+    _wait_for_step(proc, run_dir, kill_at)
+    victim = _worker(proc.pid, rank=random.Random().randint(0, 1))
+    victim.kill()  # SIGKILL
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "was killed by SIGKILL" in err, err[-2000:]
+    again = subprocess.run(command, cwd=tmp_path, env=heft_env(), capture_output=True, text=True,
+                           timeout=300, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 13)), f"killed at step {kill_at}"
+    _assert_same_steps(_losses(run_dir), _losses(straight), range(1, 13))
+
+
+def _wait_for_step(proc, run_dir: Path, step: int, limit: float = 180):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"heft exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(json.loads(l).get("step", 0) >= step
+                                  for l in path.read_text().splitlines() if l.strip()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} within {limit} s")
+
+
+def _worker(parent_pid: int, rank: int) -> psutil.Process:
+    for child in psutil.Process(parent_pid).children(recursive=True):
+        try:
+            if "heft.launcher.worker" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+@pytest.mark.slow
+def test_sigusr1_on_one_rank_saves_and_exits_75_then_resumes_equal(tiny_train_config, tmp_path):
+    layout = ["parallel.data=2", "checkpoint.interval=0"]
+    straight = tmp_path / "straight"
+    _train(tiny_train_config, straight, 40, *layout)
+    run_dir = tmp_path / "preempted"
+    command = [HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=40",
+               *REWEIGHT, *layout]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    _wait_for_step(proc, run_dir, 3)
+    _worker(proc.pid, rank=1).send_signal(signal.SIGUSR1)  # only rank 1 gets it
+    signalled_after = max(r["step"] for r in read_metrics(run_dir))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert err.strip() == "", err
+    saved = [line for line in out.splitlines() if "SIGUSR1 received: saved" in line]
+    assert len(saved) == 1, out
+    step = int(saved[0].split(" at step ")[1].split(";")[0])
+    assert signalled_after <= step <= signalled_after + 2  # at the next step boundary
+    assert (run_dir / "checkpoints" / f"step_{step}" / "heft" / "state.json").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step}"
+    again = subprocess.run(command, cwd=tmp_path, env=heft_env(), capture_output=True, text=True,
+                           timeout=300, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_same_steps(_losses(run_dir), _losses(straight), range(1, 41))
+
+
+def test_sigterm_to_heft_train_is_forwarded_and_saves(tiny_train_config, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}",
+                             "train.steps=100000", "parallel.data=2", "checkpoint.interval=0"],
+                            cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    _wait_for_step(proc, run_dir, 2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "SIGTERM received: saved" in out
+    assert (run_dir / "checkpoints" / "latest").is_file()
+
+
+# --- damaged, foreign and refused checkpoints -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_train_config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    _train(tiny_train_config, run_dir, 6, "parallel.data=2")
+    return run_dir
+
+
+def test_truncated_shard_falls_back_to_the_previous_checkpoint(two_checkpoints, tiny_train_config, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    shard = sorted((run_dir / "checkpoints" / "step_6").glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    proc = _train(tiny_train_config, run_dir, 7, "parallel.data=2")
+    assert f"heft: warning: skipping checkpoint {run_dir / 'checkpoints' / 'step_6'}: {shard} is truncated" in proc.stderr
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_3'}" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 8))
+    ref = _losses(two_checkpoints)
+    _assert_same_steps(_losses(run_dir), ref, range(4, 7))
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_difference(two_checkpoints, tiny_train_config, tmp_path):
+    proc = _train(tiny_train_config, tmp_path / "other", 8, "parallel.data=2", "model.hidden_size=128",
+                  f"checkpoint.load={two_checkpoints / 'checkpoints' / 'step_6'}", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds another model: hidden_size 64 (checkpoint) vs 128 (this run)" in lines[0], proc.stderr
+
+
+def test_load_none_with_existing_checkpoints_is_refused(two_checkpoints, tiny_train_config, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = _train(tiny_train_config, run_dir, 8, "parallel.data=2", "checkpoint.load=none", check=False)
+    assert proc.returncode == 2 and "checkpoint.load=none would overwrite them" in proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_a_finished_run_says_so_and_trains_nothing(two_checkpoints, tiny_train_config, tmp_path):
+    proc = _train(tiny_train_config, two_checkpoints, 6, "parallel.data=2")
+    assert "already reached step 6 of train.steps=6" in proc.stdout and "nothing to do" in proc.stdout
+
+
+def test_tensorboard_continues_without_duplicated_steps(tiny_train_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    _train(tiny_train_config, run_dir, 5, "parallel.data=2", "train.tensorboard=true")
+    # As if killed after logging step 5 but before saving it: the newest checkpoint is step_3, and
+    # metrics.jsonl and TensorBoard already hold steps 4 and 5.
+    shutil.rmtree(run_dir / "checkpoints" / "step_5")
+    proc = _train(tiny_train_config, run_dir, 6, "parallel.data=2", "train.tensorboard=true")
+    assert "resuming from" in proc.stdout and "step_3" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# --- the on-disk protocol --------------------------------------------------------------------------
+
+def test_metadata_with_a_foreign_class_is_refused_without_unpickling(tmp_path):
+    from heft.launcher import checkpoint_files as files
+
+    ckpt = tmp_path / "step_1"
+    (ckpt / "heft").mkdir(parents=True)
+    (ckpt / "heft" / "state.json").write_text(json.dumps({"step": 1}))
+    marker = tmp_path / "pwned"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Exploit(str(marker))))
+    with pytest.raises(files.CheckpointError, match="posix.system is not allowed|os.system is not allowed"):
+        files.verify(ckpt)
+    assert not marker.exists()
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_partial_checkpoints_are_never_chosen_and_pruning_keeps_the_newest(tmp_path):
+    from heft.launcher import checkpoint_files as files
+
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        partial = files.partial_dir(ckpt_dir, step)
+        (partial / "heft").mkdir(parents=True)
+        (partial / "heft" / "state.json").write_text("{}")
+        files.commit(ckpt_dir, step, keep=2)
+    files.partial_dir(ckpt_dir, 8).mkdir()  # a save that was killed
+    assert [p.name for p in files.complete_checkpoints(ckpt_dir)] == ["step_4", "step_6"]
+    assert (ckpt_dir / "latest").read_text().strip() == "step_6"
+    files.remove_stale_partials(ckpt_dir)
+    assert not files.partial_dir(ckpt_dir, 8).exists()
