@@ -19,6 +19,7 @@ passed the allow-list in ``checkpoint_files.verify``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -66,13 +67,39 @@ def _without_extra_state(tree: dict) -> dict:
     return kept
 
 
+@contextlib.contextmanager
+def _adam_steps_for_the_request(optimizer):
+    """Compatibility shim (megatron-core 0.16 with torch's Adam, i.e. without apex/TE): building the
+    distributed optimizer's load request calls its ``state_dict()``, which asserts one common Adam
+    ``step`` over the parameters; a fresh process has no state at all. Give each parameter a
+    placeholder state for the duration of the request, then remove it again, because the
+    distributed optimizer allocates its state itself while loading (and refuses extra keys)."""
+    added = []
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) or not hasattr(part, "buffers"):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param].update(exp_avg=torch.zeros_like(param.data),
+                                              exp_avg_sq=torch.zeros_like(param.data), step=torch.tensor(0.0))
+                    added.append((inner, param))
+    try:
+        yield
+    finally:
+        for inner, param in added:
+            del inner.state[param]
+
+
 def _sharded_state(trainer, is_loading: bool) -> dict:
     from heft.model.build import unwrap
 
     state = {f"model{i}": _without_extra_state(unwrap(chunk).sharded_state_dict(metadata=dict(SHARDING_METADATA)))
              for i, chunk in enumerate(trainer.chunks)}
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=is_loading,
-                                                              metadata=dict(SHARDING_METADATA))
+    with _adam_steps_for_the_request(trainer.optimizer) if is_loading else contextlib.nullcontext():
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                                  metadata=dict(SHARDING_METADATA))
     return state
 
 
@@ -223,11 +250,19 @@ def load(trainer, path: Path, state: dict) -> Progress:
     from heft.model.build import unwrap
 
     check_compatible(trainer, state, path)
-    loaded = dist_checkpointing.load(_sharded_state(trainer, is_loading=True), str(path),
-                                     validate_access_integrity=True)
+    request = _sharded_state(trainer, is_loading=True)
+    master_copies_missing = _drop_master_copies_not_in(request, set(dist_checkpointing.load_tensors_metadata(str(path))))
+    loaded = dist_checkpointing.load(request, str(path), validate_access_integrity=True)
     for i, chunk in enumerate(trainer.chunks):
         unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
-    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    optimizer_state = _optimizer_state_for(trainer.optimizer, trainer.cfg.parallel.distributed_optimizer,
+                                           loaded["optimizer"])
+    if master_copies_missing:  # a plain fp32 optimizer's checkpoint: the loaded weights are the masters
+        _masters_from_weights(trainer.optimizer, optimizer_state["param_state"])
+    if trainer.cfg.parallel.distributed_optimizer:
+        _load_distributed_optimizer(trainer.optimizer, optimizer_state)
+    else:
+        trainer.optimizer.load_state_dict(optimizer_state)
     _unshare_adam_steps(trainer.optimizer)
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.reduction.load_state_dict(state["reduction"])
@@ -238,6 +273,109 @@ def load(trainer, path: Path, state: dict) -> Progress:
         _reseed(trainer.cfg.train.seed, state["step"])
     return Progress(step=state["step"], skipped_steps=state["skipped_steps"],
                     consecutive_skips=state["consecutive_skips"])
+
+
+def _drop_master_copies_not_in(request: dict, saved_keys: set[str]) -> bool:
+    """The distributed optimizer asks for its fp32 master weights (``optimizer.state.param.*``); a
+    plain fp32 optimizer never saves them, because its masters are the model weights. Loading such a
+    checkpoint into the distributed optimizer, drop those requests (the masters are then refreshed
+    from the loaded model weights). Returns whether any were dropped."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    dropped = False
+
+    def unwanted(value) -> bool:
+        nonlocal dropped
+        key = value.key if isinstance(value, (ShardedTensor, ShardedTensorFactory)) else None
+        if key and key.startswith("optimizer.state.param.") and key not in saved_keys:
+            dropped = True
+            return True
+        return False
+
+    def prune(node):
+        if isinstance(node, dict):
+            for key in [k for k, v in node.items() if unwanted(v)]:
+                del node[key]
+            children = node.values()
+        elif isinstance(node, list):
+            node[:] = [v for v in node if not unwanted(v)]
+            children = node
+        else:
+            return
+        for child in children:
+            prune(child)
+
+    prune(request.get("optimizer", {}))
+    return dropped
+
+
+def _masters_from_weights(optimizer, param_state: dict) -> None:
+    """Give the distributed optimizer's fully_reshardable state the fp32 master weight of each
+    parameter it lacks: the just-loaded model weight, in the order megatron-core enumerates them
+    (its buffers' parameter index maps)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(parts) != 1:
+        raise CheckpointError("cannot load a plain optimizer's checkpoint into a distributed optimizer "
+                              "with several parts; resume with parallel.distributed_optimizer=false")
+    index = -1
+    for buffer in parts[0].buffers:
+        for model_param in buffer.param_index_map:
+            index += 1
+            entry = param_state.get(index)
+            if entry is not None and "param" not in entry:
+                entry["param"] = model_param.detach().float()
+
+
+def _optimizer_state_for(optimizer, distributed: bool, loaded: dict) -> dict:
+    """Compatibility shim between megatron-core 0.16's two optimizer state layouts, so a checkpoint
+    of the plain optimizer loads into the distributed one and back. The tensors already arrived in
+    the requesting optimizer's own structure (dist_checkpointing matched them by name); only the
+    non-tensor part differs: the plain optimizer keeps torch's {state: {common_step}, param_groups},
+    the distributed one {optimizer: {param_groups (with step)}, param_state_sharding_type}."""
+    from_distributed = "param_state_sharding_type" in loaded
+    if distributed and not from_distributed:
+        step = loaded["state"].get("common_step")
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in loaded["param_groups"]]
+        for group in groups:
+            group["step"] = float(step) if step is not None else None
+        return {"optimizer": {"param_groups": groups}, "param_state": loaded["param_state"],
+                "param_state_sharding_type": SHARDING_METADATA["distrib_optim_sharding_type"]}
+    if from_distributed and not distributed:
+        saved_groups = loaded["optimizer"]["param_groups"]
+        step = next((g.get("step") for g in saved_groups if g.get("step") is not None), None)
+        state = {k: v for k, v in loaded["state"].items() if k != "common_step"}
+        if step is not None:
+            state["common_step"] = torch.tensor(float(step))
+        # The saved groups carry hyper-parameters but no parameter ids; take the ids (the keys of
+        # ``state``) from this optimizer's own groups, matched the way megatron-core matches them.
+        def group_key(group):
+            return tuple(group.get(k) for k in ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr"))
+        by_key = {group_key(g): g for g in saved_groups}
+        inner = getattr(optimizer, "chained_optimizers", [optimizer])[0].optimizer
+        groups = [{**{k: v for k, v in by_key[group_key(g)].items() if k != "step"}, "params": g["params"]}
+                  for g in inner.state_dict()["param_groups"]]
+        return {"state": state, "param_groups": groups}
+    return loaded
+
+
+def _load_distributed_optimizer(optimizer, state: dict) -> None:
+    """Compatibility shim for megatron-core 0.16's DistributedOptimizer with torch's Adam (no
+    apex/TE): its ``load_state_dict`` gives every parameter's state a ``step`` and then copies
+    every state key from the fully_reshardable tensors, which never hold ``step`` (KeyError). Load
+    the two halves through its own methods instead: param groups and step first, then the
+    parameter state with ``step`` set aside and given back (one copy per parameter)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(parts) != 1:
+        raise CheckpointError("heft loads the distributed optimizer with one parameter group set only")
+    part = parts[0]
+    state = dict(state)
+    param_state = state.pop("param_state")
+    state.pop("param_state_sharding_type")
+    part.load_state_dict(state)
+    steps = {param: s.pop("step") for param, s in part.optimizer.state.items() if "step" in s}
+    part.load_parameter_state_from_fully_reshardable(param_state)
+    for param, step in steps.items():
+        part.optimizer.state[param]["step"] = step.clone()
 
 
 def _unshare_adam_steps(optimizer) -> None:

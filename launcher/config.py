@@ -93,6 +93,10 @@ class TrainConfig:
     """A NaN/inf sample loss or gradient norm: error (stop before the update) or skip (drop the
     step, count it; still an error after max_consecutive_skips in a row)."""
     max_consecutive_skips: int = 10
+    stop_at_step: int | None = None
+    """Save a checkpoint after this step and stop (status 0), as a preemption would; the same
+    command without it resumes. Splits a run into time-limited jobs; the LR schedule still spans
+    train.steps."""
     collective_timeout_s: float = 600.0
     """torch.distributed timeout: a collective that waits longer than this fails instead of hanging."""
     step_timeout_s: float = 1800.0
@@ -122,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"train.step_timeout_s must be >= 0 (0: off), got {self.step_timeout_s}")
         if not self.run_dir:
             raise ValueError("train.run_dir must not be empty")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.steps:
+            raise ValueError(f"train.stop_at_step must be in [1, train.steps={self.steps}], got {self.stop_at_step}")
 
 
 @dataclass

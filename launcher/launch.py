@@ -41,6 +41,33 @@ def torchrun_arguments(nproc_per_node: int, nnodes: int, rdzv_endpoint: str | No
     return args + ["-m", WORKER_MODULE, *worker_args]
 
 
+def _adopt_orphans() -> None:
+    """Become the Linux "child subreaper" of this process tree: helper processes that workers spawn
+    (the multiprocessing manager and resource tracker that checkpoint saves and streaming start) are
+    re-parented here, not to init, when their worker is killed, so they can be cleaned up below.
+    Elsewhere this is a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _end_leftover_processes() -> None:
+    """After the agent returns every worker has ended; anything still below us is an orphaned
+    helper of a killed worker (it would hold the terminal's pipes open and leak memory)."""
+    import psutil
+
+    leftovers = psutil.Process().children(recursive=True)
+    for process in leftovers:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(leftovers, timeout=5)
+
+
 def _worker_processes():
     import psutil
 
@@ -91,9 +118,13 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
         nproc = int(next(a for a in torchrun_args if a.startswith("--nproc-per-node=")).split("=")[1])
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     _quiet_agent(verbose)
+    parser = get_args_parser()
+    if "--signals-to-handle" in parser._option_string_actions:  # torch >= 2.13; older read the variable
+        torchrun_args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *torchrun_args]
     previous = {sig: signal.signal(sig, _forward) for sig in FORWARDED_SIGNALS}
+    _adopt_orphans()
     try:
-        run(get_args_parser().parse_args(torchrun_args))
+        run(parser.parse_args(torchrun_args))
         return reporting.EXIT_OK
     except ChildFailedError as failed:
         return _explain_failure(failed, report_dir, world_size)
@@ -106,6 +137,7 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _end_leftover_processes()
         shutil.rmtree(report_dir, ignore_errors=True)
 
 
@@ -117,12 +149,18 @@ def _explain_failure(failed, report_dir: str, world_size: int) -> int:
         # were terminated by it, which changes nothing. Rank 0 already said where it saved.
         return reporting.EXIT_REQUEUE
     status, lines = reporting.summarise(reports, world_size)
-    if not lines:  # killed before it could report (SIGKILL, out of memory, a segfault)
+    # Ranks that died by a signal without a word (SIGKILL, out of memory, a segfault) are the likely
+    # cause of what the others report; SIGTERM is how the agent stops the rest, so it is left out.
+    reported = {r["rank"] for r in reports}
+    killed = sorted((rank, f) for rank, f in failures.items()
+                    if rank not in reported and f.exitcode < 0 and f.exitcode != -signal.SIGTERM)
+    lines = [f"heft: failed: rank {rank} was killed by {f.signal_name()}"
+             + (" (out of memory, kill -9, or it would not stop when asked)" if f.exitcode == -signal.SIGKILL else "")
+             for rank, f in killed] + lines
+    if not lines:
         rank, first = min(failures.items(), key=lambda item: item[1].timestamp)
-        how = (f"was killed by {first.signal_name()}" if first.exitcode < 0
-               else f"exited with status {first.exitcode}")
-        lines = [f"heft: failed: rank {rank} {how} without reporting an error"
-                 + ("; out of memory?" if first.exitcode == -9 else "")]
+        lines = [f"heft: failed: rank {rank} exited with status {first.exitcode} without reporting an error"]
+    if killed or not reports:
         status = reporting.EXIT_FAILED
     for line in lines:
         print(line, file=sys.stderr)

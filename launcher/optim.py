@@ -42,6 +42,11 @@ def build_optimizer(cfg: HeftConfig, chunks, bf16: bool):
         end_wd=o.weight_decay,
         wd_incr_steps=cfg.train.steps,
         wd_incr_style="constant",
+        # On resume the schedule is this run's config (optim.*, train.steps) at the checkpoint's
+        # step: extending train.steps stretches the decay. megatron-core's default would keep the
+        # checkpoint's schedule and silently ignore the new config.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
 

@@ -33,6 +33,10 @@ KNOWN_HARMLESS_WARNINGS = [
     (r"streaming", r".*`replication`",
      "streaming's notice that the ranks of one model-parallel group share samples: heft's design"),
     (r"torch", r"TypedStorage is deprecated", "inside torch's own checkpoint helpers"),
+    (r"megatron.core.dist_checkpointing", r"`load_state_dict` is deprecated",
+     "megatron-core 0.16 calls torch.distributed.checkpoint's older entry point; nothing to act on"),
+    (r"torch.distributed", r"Please use DTensor instead and we are deprecating ShardedTensor",
+     "torch's note to megatron-core's checkpoint code, raised on every load"),
 ]
 
 # (logger, why): loggers whose warnings repeat on every rank and say nothing a heft user can act on.
@@ -102,12 +106,16 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def summary(cfg, records: list[dict], seconds: float, checkpoint: str | None = None) -> str:
+def summary(cfg, step: int, records: list[dict], seconds: float, checkpoint: str | None = None) -> str:
     """The end summary: steps, tokens, time, final losses, where everything was written."""
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     run_dir = Path(cfg.train.run_dir)
-    parts = [f"heft | done: {cfg.train.steps} steps"]
+    if step < cfg.train.steps:
+        parts = [f"heft | stopped at step {step} of {cfg.train.steps} (train.stop_at_step); the same "
+                 f"command without it resumes"]
+    else:
+        parts = [f"heft | done: {cfg.train.steps} steps"]
     if train:
         last = train[-1]
         parts[0] += (f", {_count(last['consumed_tokens'])} tokens in {seconds:.0f} s; final loss "

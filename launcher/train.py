@@ -290,6 +290,8 @@ def train(cfg: HeftConfig) -> list[dict]:
                     f"status 75 so the job can be requeued and resume from it")
                 raise StopForRequeue(stops.name(stop))
             watchdog.end()
+            if step == t.stop_at_step:
+                break
     except Exception as exc:
         if is_collective_failure(exc):
             raise CollectiveFailure(f"{watchdog.phase or 'the run'}: a collective failed "
@@ -300,7 +302,8 @@ def train(cfg: HeftConfig) -> list[dict]:
     saver.finish()
     watchdog.close()
     writer.close()
-    say(output.summary(cfg, records, time.perf_counter() - started, checkpoint=str(saved) if saved else None))
+    say(output.summary(cfg, progress.step, records, time.perf_counter() - started,
+                       checkpoint=str(saved) if saved else None))
     shutdown()
     return records
 
@@ -311,8 +314,9 @@ def evaluation_due(cfg: HeftConfig, step: int) -> bool:
 
 
 def checkpoint_due(cfg: HeftConfig, step: int) -> bool:
-    """At every checkpoint.interval steps and always at the last step."""
-    return step == cfg.train.steps or bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
+    """At every checkpoint.interval steps, and always at the last step (or train.stop_at_step)."""
+    return (step in (cfg.train.steps, cfg.train.stop_at_step)
+            or bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0))
 
 
 def evaluate(trainer: Trainer, step: int, stops, writer: MetricsWriter, records: list) -> int:

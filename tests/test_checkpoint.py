@@ -60,8 +60,9 @@ def test_resumed_run_equals_the_uninterrupted_run(name, layout, tiny_train_confi
     if name != "tp2_pp2_global":
         _train(tiny_train_config, straight, 6, *layout)
     resumed = tmp_path / "resumed"
-    _train(tiny_train_config, resumed, 3, *layout)
-    proc = _train(tiny_train_config, resumed, 6, *layout)  # the same command, more steps: resumes
+    first = _train(tiny_train_config, resumed, 6, *layout, "train.stop_at_step=3")
+    assert "stopped at step 3 of 6" in first.stdout
+    proc = _train(tiny_train_config, resumed, 6, *layout)  # the same command: resumes
     assert f"resuming from {resumed / 'checkpoints' / 'step_3'}" in proc.stdout
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4, 5, 6]  # no duplicates
     # fp32 on CPU: bitwise equal losses and gradient norms at every step after the resume, so the
@@ -85,6 +86,17 @@ def test_checkpoint_reshards_onto_another_layout(name, layout, tiny_train_config
     assert f"resuming from {source}" in proc.stdout
     assert [r["step"] for r in read_metrics(run_dir)] == [4, 5, 6]
     _assert_same_steps(_losses(run_dir), _losses(tp2_pp2_straight), range(4, 7), rel=RTOL)
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_checkpoint_back_onto_the_plain_optimizer(tiny_train_config, tmp_path, tp2_pp2_straight):
+    """TP2 x PP2 (plain) -> DP4 with the distributed optimizer for one step -> TP2 x PP2 (plain)."""
+    middle = tmp_path / "dp4"
+    _train(tiny_train_config, middle, 6, "parallel.data=4", "parallel.distributed_optimizer=true",
+           "train.stop_at_step=4", f"checkpoint.load={tp2_pp2_straight / 'checkpoints' / 'step_3'}")
+    back = tmp_path / "back"
+    _train(tiny_train_config, back, 6, *TP2_PP2, f"checkpoint.load={middle / 'checkpoints' / 'step_4'}")
+    _assert_same_steps(_losses(back), _losses(tp2_pp2_straight), range(5, 7), rel=RTOL)
 
 
 @pytest.mark.slow
@@ -193,10 +205,10 @@ def test_truncated_shard_falls_back_to_the_previous_checkpoint(two_checkpoints, 
     shard = sorted((run_dir / "checkpoints" / "step_6").glob("*.distcp"))[0]
     with open(shard, "r+b") as f:
         f.truncate(100)
-    proc = _train(tiny_train_config, run_dir, 7, "parallel.data=2")
+    proc = _train(tiny_train_config, run_dir, 6, "parallel.data=2")
     assert f"heft: warning: skipping checkpoint {run_dir / 'checkpoints' / 'step_6'}: {shard} is truncated" in proc.stderr
     assert f"resuming from {run_dir / 'checkpoints' / 'step_3'}" in proc.stdout
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 8))
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 7))
     ref = _losses(two_checkpoints)
     _assert_same_steps(_losses(run_dir), ref, range(4, 7))
 
