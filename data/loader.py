@@ -111,7 +111,7 @@ class TrainBatches:
                     f"data.shuffle_seed={state['shuffle_seed']}")
             self.epoch, self.sample_in_epoch = state["epoch"], state["sample_in_epoch"]
             self._initial_physical_nodes = state.get("initial_physical_nodes")
-            self.dataset.load_state_dict({**state, "num_canonical_nodes": state["num_canonical_nodes"]})
+            self.dataset.load_state_dict(state)
         self.loader = StreamingDataLoader(self.dataset, batch_size=batch_per_replica, collate_fn=_collate,
                                           num_workers=0, drop_last=True)
         self._iterator = None

@@ -111,8 +111,12 @@ def _layout_signature(trainer) -> dict:
 
 
 def _model_signature(trainer) -> dict:
+    from heft.model.build import padded_vocab_size
+
     m = trainer.cfg.model
-    return {**{k: getattr(m, k) for k in MODEL_SHAPE_FIELDS}, "vocab_size": trainer.vocab_size}
+    return {**{k: getattr(m, k) for k in MODEL_SHAPE_FIELDS}, "vocab_size": trainer.vocab_size,
+            "padded_vocab_size": padded_vocab_size(trainer.vocab_size, m.make_vocab_size_divisible_by,
+                                                   trainer.cfg.parallel.tensor)}
 
 
 def _rng_state() -> dict:
@@ -236,6 +240,14 @@ def check_compatible(trainer, state: dict, path: Path) -> None:
             f"{path} holds another model: {'; '.join(differ)}. Use the config the checkpoint was "
             f"trained with (its heft/state.json has it), or checkpoint.load=none with a new "
             f"train.run_dir to train this model from scratch")
+    saved_data, data = state["config"]["data"], trainer.cfg.data
+    for key in ("proportions", "num_canonical_nodes", "shuffle_seed"):
+        if saved_data.get(key) != getattr(data, key):
+            raise CheckpointError(
+                f"{path} was trained with data.{key}={saved_data.get(key)}, this run has "
+                f"{getattr(data, key)}; resuming would change the sample order. Set "
+                f"data.{key}={saved_data.get(key)}, or start a new run from it with checkpoint.load "
+                f"in a new train.run_dir after changing it deliberately")
     if state["config"]["train"]["global_batch_size"] != trainer.cfg.train.global_batch_size:
         raise CheckpointError(
             f"{path} was trained with train.global_batch_size="

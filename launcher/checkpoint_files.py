@@ -5,7 +5,8 @@ Protocol (``CKPT_DIR`` is ``checkpoint.dir``, by default ``RUN_DIR/checkpoints``
     CKPT_DIR/step_<N>.partial/   being written by every rank; never read
     CKPT_DIR/step_<N>/           complete: renamed from .partial by rank 0 after every rank finished
     CKPT_DIR/latest              the name of the newest complete checkpoint, replaced atomically
-                                 after the rename
+                                 after the rename (for people and tools: heft itself resumes from
+                                 the newest complete checkpoint that verifies)
 
 Older complete checkpoints are pruned only after a newer one is complete, so a crash or a kill at
 any moment leaves ``latest`` naming a complete checkpoint (or no ``latest`` at all).
@@ -31,6 +32,7 @@ LATEST = "latest"
 HEFT_DIR = "heft"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^step_(\d+)$")
+_PARTIAL_NAME = re.compile(r"^step_\d+\.partial$")
 
 
 class CheckpointError(ValueError):
@@ -81,17 +83,28 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _delete(path: Path) -> None:
+    """Rename out of the way first (no longer 'complete' from that instant), then delete, so an
+    interrupted deletion never leaves a half-deleted directory that still looks complete."""
+    doomed = path.with_name(path.name + PARTIAL)
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def commit(ckpt_dir: Path, step: int, keep: int) -> Path:
     """Rank 0, after every rank finished writing: mark step_<N> complete, point latest at it,
-    then prune the oldest complete checkpoints beyond ``keep``."""
+    then prune the oldest complete checkpoints below it beyond ``keep`` (never step_<N> itself)."""
     final = ckpt_dir / name(step)
     if final.exists():  # the same step saved again (e.g. a signal at the last step): replace it
-        shutil.rmtree(final)
+        _delete(final)
     os.replace(partial_dir(ckpt_dir, step), final)
     _fsync_dir(ckpt_dir)
     write_atomically(ckpt_dir / LATEST, final.name + "\n")
-    for old in complete_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    older = [p for p in complete_checkpoints(ckpt_dir) if step_of(p) < step]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
+        _delete(old)
     return final
 
 
@@ -99,7 +112,7 @@ def remove_stale_partials(ckpt_dir: Path) -> None:
     """Left by a run killed while saving; never complete, never read."""
     if ckpt_dir.is_dir():
         for p in ckpt_dir.iterdir():
-            if p.is_dir() and p.name.endswith(PARTIAL):
+            if p.is_dir() and _PARTIAL_NAME.match(p.name):
                 shutil.rmtree(p, ignore_errors=True)
 
 

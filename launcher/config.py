@@ -94,7 +94,7 @@ class TrainConfig:
     step, count it; still an error after max_consecutive_skips in a row)."""
     max_consecutive_skips: int = 10
     stop_at_step: int | None = None
-    """Save a checkpoint after this step and stop (status 0), as a preemption would; the same
+    """Save a checkpoint after this step and stop with status 0 (a preemption exits 75); the same
     command without it resumes. Splits a run into time-limited jobs; the LR schedule still spans
     train.steps."""
     collective_timeout_s: float = 600.0
@@ -340,13 +340,6 @@ def validate(cfg: HeftConfig, world_size: int | None = None) -> None:
             f"{t.global_batch_size} / (micro {t.micro_batch_size} * DP {dp})) to be a multiple of "
             f"parallel.pipeline={p.pipeline}"
         )
-
-
-def data_parallel_size(cfg: HeftConfig, world_size: int | None) -> int:
-    try:
-        return cfg.parallel.data_parallel_size(world_size)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def num_microbatches(cfg: HeftConfig, data_parallel: int) -> int:

@@ -151,9 +151,13 @@ def _explain_failure(failed, report_dir: str, world_size: int) -> int:
     status, lines = reporting.summarise(reports, world_size)
     # Ranks that died by a signal without a word (SIGKILL, out of memory, a segfault) are the likely
     # cause of what the others report; SIGTERM is how the agent stops the rest, so it is left out.
+    # Only deaths before the first report: ranks the agent killed afterwards (stuck in a collective
+    # with a dead peer, or stopped) are consequences, not causes.
     reported = {r["rank"] for r in reports}
+    first_report = min((r["time"] for r in reports), default=float("inf"))
     killed = sorted((rank, f) for rank, f in failures.items()
-                    if rank not in reported and f.exitcode < 0 and f.exitcode != -signal.SIGTERM)
+                    if rank not in reported and f.exitcode < 0 and f.exitcode != -signal.SIGTERM
+                    and f.timestamp <= first_report)
     lines = [f"heft: failed: rank {rank} was killed by {f.signal_name()}"
              + (" (out of memory, kill -9, or it would not stop when asked)" if f.exitcode == -signal.SIGKILL else "")
              for rank, f in killed] + lines

@@ -16,12 +16,15 @@ def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run_dir} is not a heft run directory (no metrics.jsonl)")
     train, evals = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:
+            if number == len(lines):  # the last line of a run killed while writing it
+                continue
             raise ValueError(f"{path}:{number} is not a JSON record; the file is damaged") from None
         (evals if "eval_loss" in record else train).append(record)
     if not train:

@@ -103,6 +103,13 @@ def decide_start(cfg, warn=print) -> Start:
         state = files.verify(path)
     except files.CheckpointError as exc:
         raise RunDirError(f"checkpoint.load={load}: {exc}") from None
+    newer = [p for p in existing if files.step_of(p) > state["step"]]
+    if newer:  # a roll-back in place would interleave two runs' checkpoints and metrics
+        raise RunDirError(
+            f"checkpoint.load={load} starts at step {state['step']} but {ckpt_dir} already holds "
+            f"{newer[-1].name}; start from it in a new train.run_dir")
+    if not existing or path.resolve().parent != ckpt_dir.resolve():
+        _refuse_earlier_run(run_dir)  # never truncate another run's metrics
     return Start(checkpoint=str(path), state=state)
 
 
@@ -122,6 +129,8 @@ def decide_start_on_every_rank(cfg, rank: int) -> Start:
             verdict[0] = decide_start(cfg, warn=warn)
         except RunDirError as exc:
             verdict[0] = str(exc)
+        except Exception as exc:  # whatever it is, the other ranks must hear of it, not wait
+            verdict[0] = f"inspecting {cfg.train.run_dir} failed: {type(exc).__name__}: {exc}"
     dist.broadcast_object_list(verdict, src=0)
     if isinstance(verdict[0], str):
         raise RunDirError(verdict[0])
@@ -129,9 +138,13 @@ def decide_start_on_every_rank(cfg, rank: int) -> Start:
 
 
 def already_finished(cfg, start: Start) -> str | None:
-    """The line to print when the checkpoint is already at train.steps (nothing to train)."""
+    """The line to print when the checkpoint is already at train.steps (or train.stop_at_step)."""
     if start.state and start.step >= cfg.train.steps:
         return (f"heft: {cfg.train.run_dir} already reached step {start.step} of train.steps="
                 f"{cfg.train.steps} ({start.checkpoint}); nothing to do. Raise train.steps to "
                 f"train further")
+    if start.state and cfg.train.stop_at_step and start.step >= cfg.train.stop_at_step:
+        return (f"heft: {cfg.train.run_dir} already reached step {start.step} >= train.stop_at_step="
+                f"{cfg.train.stop_at_step} ({start.checkpoint}); nothing to do. Raise or remove "
+                f"train.stop_at_step to train further")
     return None

@@ -122,7 +122,7 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     from megatron.core.utils import get_model_config
 
     from heft.data.loader import check_sequence_length, domain_proportions, validation_batches
-    from heft.data.prepare import load_manifest
+    from heft.data.verify import check_enough_samples, verify_dataset
     from heft.launcher.evaluate import Evaluator
     from heft.launcher import checkpoint
     from heft.launcher.rundir import decide_start_on_every_rank
@@ -136,8 +136,11 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     check_backends(cfg, backends)
     layout = start_processes(cfg)
     start = decide_start_on_every_rank(cfg, layout.rank)
-    manifest = load_manifest(cfg.data.path)
+    # Again here (heft train checked before launch): under srun or bare torchrun nobody else has.
+    manifest = verify_dataset(cfg.data.path)
     check_sequence_length(manifest, cfg.model.seq_length, cfg.data.path)
+    check_enough_samples(manifest, domain_proportions(manifest, cfg.data.proportions),
+                         cfg.train.global_batch_size, cfg.data.path)
     vocab_size = manifest["tokenizer"]["vocab_size"]
     domain_names = [d["name"] for d in manifest["domains"]]
 
@@ -249,8 +252,9 @@ def train(cfg: HeftConfig) -> list[dict]:
     started = time.perf_counter()
     trainer = build_trainer(cfg)
     t, layout, progress = cfg.train, trainer.layout, trainer.progress
-    if already_finished(cfg, trainer.start):
-        say(already_finished(cfg, trainer.start))
+    finished = already_finished(cfg, trainer.start)
+    if finished:
+        say(finished)
         shutdown()
         return []
     writer = MetricsWriter(t.run_dir, enabled=layout.rank == 0, tensorboard=t.tensorboard,
@@ -292,15 +296,15 @@ def train(cfg: HeftConfig) -> list[dict]:
             watchdog.end()
             if step == t.stop_at_step:
                 break
+        watchdog.begin("the final checkpoint save")
+        saver.finish()
     except Exception as exc:
         if is_collective_failure(exc):
             raise CollectiveFailure(f"{watchdog.phase or 'the run'}: a collective failed "
                                     f"({first_line(exc)}); {watchdog.diagnosis()}") from exc
-        watchdog.close()
         raise
-    watchdog.begin("the final checkpoint save")
-    saver.finish()
-    watchdog.close()
+    finally:
+        watchdog.close()
     writer.close()
     say(output.summary(cfg, progress.step, records, time.perf_counter() - started,
                        checkpoint=str(saved) if saved else None))

@@ -285,7 +285,21 @@ def test_partial_checkpoints_are_never_chosen_and_pruning_keeps_the_newest(tmp_p
         (partial / "heft" / "state.json").write_text("{}")
         files.commit(ckpt_dir, step, keep=2)
     files.partial_dir(ckpt_dir, 8).mkdir()  # a save that was killed
+    (ckpt_dir / "notes.partial").mkdir()  # not heft's: never touched
     assert [p.name for p in files.complete_checkpoints(ckpt_dir)] == ["step_4", "step_6"]
     assert (ckpt_dir / "latest").read_text().strip() == "step_6"
     files.remove_stale_partials(ckpt_dir)
-    assert not files.partial_dir(ckpt_dir, 8).exists()
+    assert not files.partial_dir(ckpt_dir, 8).exists() and (ckpt_dir / "notes.partial").exists()
+    # A save at a lower step (after falling back past a broken newer one) never prunes itself.
+    (files.partial_dir(ckpt_dir, 5) / "heft").mkdir(parents=True)
+    (files.partial_dir(ckpt_dir, 5) / "heft" / "state.json").write_text("{}")
+    files.commit(ckpt_dir, 5, keep=1)
+    assert [p.name for p in files.complete_checkpoints(ckpt_dir)] == ["step_5", "step_6"]
+
+
+def test_rolling_back_in_place_is_refused(two_checkpoints, tiny_train_config, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    proc = _train(tiny_train_config, run_dir, 6, "parallel.data=2",
+                  f"checkpoint.load={run_dir / 'checkpoints' / 'step_3'}", check=False)
+    assert proc.returncode == 2 and "already holds step_6; start from it in a new train.run_dir" in proc.stderr
