@@ -4,6 +4,7 @@ Protocol (``CKPT_DIR`` is ``checkpoint.dir``, by default ``RUN_DIR/checkpoints``
 
     CKPT_DIR/step_<N>.partial/   being written by every rank; never read
     CKPT_DIR/step_<N>/           complete: renamed from .partial by rank 0 after every rank finished
+    CKPT_DIR/step_<N>.deleting/  being pruned (renamed first, so it never looks complete)
     CKPT_DIR/latest              the name of the newest complete checkpoint, replaced atomically
                                  after the rename (for people and tools: heft itself resumes from
                                  the newest complete checkpoint that verifies)
@@ -28,11 +29,12 @@ import shutil
 from pathlib import Path
 
 PARTIAL = ".partial"
+DELETING = ".deleting"
 LATEST = "latest"
 HEFT_DIR = "heft"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^step_(\d+)$")
-_PARTIAL_NAME = re.compile(r"^step_\d+\.partial$")
+_LEFTOVER_NAME = re.compile(r"^step_\d+\.(partial|deleting)$")
 
 
 class CheckpointError(ValueError):
@@ -86,7 +88,7 @@ def write_atomically(path: Path, text: str) -> None:
 def _delete(path: Path) -> None:
     """Rename out of the way first (no longer 'complete' from that instant), then delete, so an
     interrupted deletion never leaves a half-deleted directory that still looks complete."""
-    doomed = path.with_name(path.name + PARTIAL)
+    doomed = path.with_name(path.name + DELETING)
     if doomed.exists():
         shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
@@ -109,10 +111,10 @@ def commit(ckpt_dir: Path, step: int, keep: int) -> Path:
 
 
 def remove_stale_partials(ckpt_dir: Path) -> None:
-    """Left by a run killed while saving; never complete, never read."""
+    """Left by a run killed while saving or pruning; never complete, never read."""
     if ckpt_dir.is_dir():
         for p in ckpt_dir.iterdir():
-            if p.is_dir() and _PARTIAL_NAME.match(p.name):
+            if p.is_dir() and _LEFTOVER_NAME.match(p.name):
                 shutil.rmtree(p, ignore_errors=True)
 
 
