@@ -87,3 +87,32 @@ train: {{steps: 3, global_batch_size: 8, micro_batch_size: 2, log_interval: 1, t
 optim: {{lr: 3.0e-3, warmup_steps: 0}}
 """)
     return path
+
+
+def wait_for_step(proc, run_dir: Path, step: int, limit: float = 180) -> None:
+    """Wait until a running `heft train` has logged ``step`` (its metrics.jsonl says so)."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"heft exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(json.loads(line).get("step", 0) >= step
+                                  for line in path.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} within {limit} s")
+
+
+def worker_with_rank(parent_pid: int, rank: int):
+    """The heft worker process of global ``rank`` below a `heft train` process."""
+    import psutil
+
+    for child in psutil.Process(parent_pid).children(recursive=True):
+        try:
+            if "heft.launcher.worker" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker with RANK={rank}")

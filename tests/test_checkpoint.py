@@ -11,13 +11,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import heft_env, read_metrics, run_heft
+from conftest import heft_env, read_metrics, run_heft, wait_for_step, worker_with_rank
 
 HEFT = str(Path(sys.executable).parent / "heft")
 REWEIGHT = ["reweight.strategy=linupper", "reweight.temperature=1.0"]
@@ -112,8 +110,8 @@ def test_kill_9_of_a_worker_then_the_same_command_finishes_equal(tiny_train_conf
     proc = subprocess.Popen(command, cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     kill_at = random.Random().randint(4, 9)
-    _wait_for_step(proc, run_dir, kill_at)
-    victim = _worker(proc.pid, rank=random.Random().randint(0, 1))
+    wait_for_step(proc, run_dir, kill_at)
+    victim = worker_with_rank(proc.pid, rank=random.Random().randint(0, 1))
     victim.kill()  # SIGKILL
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -127,29 +125,6 @@ def test_kill_9_of_a_worker_then_the_same_command_finishes_equal(tiny_train_conf
     _assert_same_steps(_losses(run_dir), _losses(straight), range(1, 13))
 
 
-def _wait_for_step(proc, run_dir: Path, step: int, limit: float = 180):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"heft exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        path = run_dir / "metrics.jsonl"
-        if path.is_file() and any(json.loads(l).get("step", 0) >= step
-                                  for l in path.read_text().splitlines() if l.strip()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no step {step} within {limit} s")
-
-
-def _worker(parent_pid: int, rank: int) -> psutil.Process:
-    for child in psutil.Process(parent_pid).children(recursive=True):
-        try:
-            if "heft.launcher.worker" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
-                return child
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no worker with RANK={rank}")
-
-
 @pytest.mark.slow
 def test_sigusr1_on_one_rank_saves_and_exits_75_then_resumes_equal(tiny_train_config, tmp_path):
     layout = ["parallel.data=2", "checkpoint.interval=0"]
@@ -160,8 +135,8 @@ def test_sigusr1_on_one_rank_saves_and_exits_75_then_resumes_equal(tiny_train_co
                *REWEIGHT, *layout]
     proc = subprocess.Popen(command, cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    _wait_for_step(proc, run_dir, 3)
-    _worker(proc.pid, rank=1).send_signal(signal.SIGUSR1)  # only rank 1 gets it
+    wait_for_step(proc, run_dir, 3)
+    worker_with_rank(proc.pid, rank=1).send_signal(signal.SIGUSR1)  # only rank 1 gets it
     signalled_after = max(r["step"] for r in read_metrics(run_dir))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
@@ -184,7 +159,7 @@ def test_sigterm_to_heft_train_is_forwarded_and_saves(tiny_train_config, tmp_pat
                              "train.steps=100000", "parallel.data=2", "checkpoint.interval=0"],
                             cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL)
-    _wait_for_step(proc, run_dir, 2)
+    wait_for_step(proc, run_dir, 2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]

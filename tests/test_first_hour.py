@@ -3,7 +3,6 @@ no silent damage, Ctrl-C. Every run here is the real `heft` CLI launching real t
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -13,10 +12,9 @@ import time
 import zipfile
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import REPO, heft_env, read_metrics, run_heft
+from conftest import REPO, heft_env, read_metrics, wait_for_step, worker_with_rank
 
 HEFT = str(Path(sys.executable).parent / "heft")
 
@@ -146,28 +144,6 @@ def test_reusing_a_run_dir_without_checkpoint_is_refused(tiny_train_config, tmp_
 
 # --- no hangs, no silent damage --------------------------------------------------------------------
 
-def _wait_for_step(proc, run_dir: Path, step: int, limit: float = 180):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"heft exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        path = run_dir / "metrics.jsonl"
-        if path.is_file() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines()):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no step {step} within {limit} s")
-
-
-def _worker_with_rank(parent: psutil.Process, rank: int) -> psutil.Process:
-    for child in parent.children(recursive=True):
-        try:
-            if "heft.launcher.worker" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
-                return child
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no worker with RANK={rank}")
-
-
 @pytest.mark.slow
 def test_a_stopped_rank_becomes_an_error_naming_it(tiny_train_config, tmp_path):
     run_dir = tmp_path / "run"
@@ -178,8 +154,8 @@ def test_a_stopped_rank_becomes_an_error_naming_it(tiny_train_config, tmp_path):
         stdin=subprocess.DEVNULL)
     stopped = None
     try:
-        _wait_for_step(proc, run_dir, 2)
-        stopped = _worker_with_rank(psutil.Process(proc.pid), 1)
+        wait_for_step(proc, run_dir, 2)
+        stopped = worker_with_rank(proc.pid, 1)
         stopped.suspend()  # SIGSTOP
         start = time.monotonic()
         out, err = proc.communicate(timeout=120)
@@ -203,7 +179,7 @@ def test_ctrl_c_stops_with_one_line(tiny_train_config, tmp_path):
         cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_for_step(proc, run_dir, 2)
+        wait_for_step(proc, run_dir, 2)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground job on Ctrl-C
         out, err = proc.communicate(timeout=90)
     finally:
