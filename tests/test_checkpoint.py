@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,9 @@ def test_kill_9_of_a_worker_then_the_same_command_finishes_equal(tiny_train_conf
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     kill_at = random.Random().randint(4, 9)
     wait_for_step(proc, run_dir, kill_at)
+    while not (run_dir / "checkpoints" / "latest").exists():  # an async save may still be in flight
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
     victim = worker_with_rank(proc.pid, rank=random.Random().randint(0, 1))
     victim.kill()  # SIGKILL
     _, err = proc.communicate(timeout=120)
