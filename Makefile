@@ -11,7 +11,7 @@ DEMO_DATA ?= demo_data
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-	@$(PY) -W ignore -c "import megatron.core, streaming, torch, heft.launcher.cli" || (echo "heft: install failed" >&2; exit 1)
+	@$(PY) -c "import importlib.util as u, sys, torch, heft.launcher.cli; sys.exit(any(u.find_spec(m) is None for m in ('megatron.core', 'streaming')))" || (echo "heft: install failed" >&2; exit 1)
 	@touch $(STAMP)
 
 install: $(STAMP)
