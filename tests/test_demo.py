@@ -26,7 +26,10 @@ def test_make_demo_trains_and_loss_falls(tmp_path):
     # linupper switches on after the warm-up and reports its weights.
     assert records[0]["reweighting_active"] == 0 and records[-1]["reweighting_active"] == 1
     assert records[-1]["weight_min"] < 1 < records[-1]["weight_max"]
-    assert {"domain_code_weight", "domain_docs_weight", "domain_legal_weight", "ess_fraction"} <= set(records[-1])
+    last = records[-1]
+    present = [d for d in ("code", "docs", "legal") if last.get(f"domain_{d}_fraction", 0) > 0]
+    assert len(present) >= 2 and "ess_fraction" in last  # a weight for every domain in the batch
+    assert {f"domain_{d}_weight" for d in present} <= set(last)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     # Quiet, clear output: the banner, the step lines, the summary, and no library warnings.
     out = proc.stdout + proc.stderr
