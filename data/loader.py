@@ -19,6 +19,7 @@ import torch
 
 from heft.data.config import DataConfigError
 from heft.data.prepare import load_manifest
+from heft.data.shm import mark_in_use
 
 __all__ = ["Batch", "DataConfigError", "TrainBatches", "validation_batches"]
 
@@ -158,6 +159,7 @@ def validation_batches(path: str, micro_batch_size: int, replication: int,
                if d["val"]["samples"] > 0]
     dataset = StreamingDataset(streams=streams, shuffle=False, batch_size=micro_batch_size,
                                replication=replication if replication > 1 else None)
+    mark_in_use(dataset._shm_prefix_int)
     loader = StreamingDataLoader(dataset, batch_size=micro_batch_size, collate_fn=_collate,
                                  num_workers=0, drop_last=True)
     batches = []

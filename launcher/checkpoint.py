@@ -241,7 +241,8 @@ def check_compatible(trainer, state: dict, path: Path) -> None:
             f"trained with (its heft/state.json has it), or checkpoint.load=none with a new "
             f"train.run_dir to train this model from scratch")
     saved_data, data = state["config"]["data"], trainer.cfg.data
-    for key in ("proportions", "num_canonical_nodes", "shuffle_seed"):
+    # data.proportions and the mixture may change on resume: they steer the draws from here on.
+    for key in ("num_canonical_nodes", "shuffle_seed"):
         if saved_data.get(key) != getattr(data, key):
             raise CheckpointError(
                 f"{path} was trained with data.{key}={saved_data.get(key)}, this run has "

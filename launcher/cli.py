@@ -30,6 +30,7 @@ def _check_before_launch(cfg) -> str | None:
     """Checks that need the data and the run directory but no processes, so a run that cannot work
     fails here in one line rather than in every worker. Returns a line to print instead of
     launching when the run directory's checkpoint already reached train.steps."""
+    from heft.data.controllers import check_mixture
     from heft.data.loader import check_sequence_length, domain_proportions
     from heft.data.verify import check_enough_samples, verify_dataset
     from heft.launcher.rundir import already_finished, check_writable, decide_start
@@ -38,6 +39,7 @@ def _check_before_launch(cfg) -> str | None:
     check_sequence_length(manifest, cfg.model.seq_length, cfg.data.path)
     weights = domain_proportions(manifest, cfg.data.proportions)
     check_enough_samples(manifest, weights, cfg.train.global_batch_size, cfg.data.path)
+    check_mixture(cfg.mixture, [d["name"] for d in manifest["domains"]], cfg.data.path)
     check_writable(cfg.train.run_dir)
     return already_finished(cfg, decide_start(cfg, warn=lambda line: print(line, file=sys.stderr)))
 

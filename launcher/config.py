@@ -1,8 +1,8 @@
 """heft's configuration tree: the sections each room declares, composed, loaded and validated here.
 
 A config file is YAML with one mapping per section. Each room owns its section's dataclass, where
-every field is documented: ``model`` and ``parallel`` (``model/config.py``), ``data``
-(``data/config.py``), ``reweight`` (``reweighting/config.py``); the launcher's own are ``train``,
+every field is documented: ``model`` and ``parallel`` (``model/config.py``), ``data`` and
+``mixture`` (``data/config.py``), ``reweight`` (``reweighting/config.py``); the launcher's own are ``train``,
 ``optim`` and ``checkpoint`` below. ``key=value`` overrides on the command line use dotted paths
 (``parallel.tensor=2``, ``data.proportions.code=0.5``) and are parsed as YAML scalars, then checked
 against the field's type.
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from heft.data.config import DataConfig
+from heft.data.config import DataConfig, MixtureConfig
 from heft.model.config import ModelConfig, ParallelConfig
 from heft.reweighting.config import ReweightConfig
 
@@ -165,6 +165,7 @@ class HeftConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
@@ -194,6 +195,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -316,8 +322,8 @@ def validate(cfg: HeftConfig, world_size: int | None = None) -> None:
     Each section checks itself; the checks that span sections (the model against the layout, the
     batch against the data-parallel size) are here. A room's ValueError becomes a ConfigError."""
     try:
-        for section in (cfg.model, cfg.parallel, cfg.data, cfg.optim, cfg.train, cfg.reweight,
-                        cfg.checkpoint):
+        for section in (cfg.model, cfg.parallel, cfg.data, cfg.mixture, cfg.optim, cfg.train,
+                        cfg.reweight, cfg.checkpoint):
             section.check()
         cfg.parallel.check_model(cfg.model)
         dp = cfg.parallel.data_parallel_size(world_size)

@@ -82,7 +82,9 @@ def banner(cfg, trainer, resumed_from: str | None = None) -> str:
                              m.num_query_groups, padded, m.tie_embeddings)
     device = "CUDA/NCCL" if trainer.peak_flops is not None or _cuda() else "CPU/gloo"
     tokens_per_step = t.global_batch_size * m.seq_length
-    mixture = ", ".join(f"{name} {w:.2f}" for name, w in trainer.domain_weights.items())
+    mixture = ", ".join(f"{name} {w:.2f}" for name, w in trainer.batches.weights().items() if w > 0)
+    if cfg.mixture.controller != "static":
+        mixture += f" (mixture.controller {cfg.mixture.controller}, every {cfg.mixture.update_interval} step(s))"
     reweight = cfg.reweight.strategy if cfg.reweight.strategy == "none" else (
         f"{cfg.reweight.strategy} ({cfg.reweight.scope} scope, r={cfg.reweight.temperature:g}, "
         f"after {cfg.reweight.warmup_steps} warm-up steps)")

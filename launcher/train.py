@@ -2,7 +2,8 @@
 
     set up (build_trainer):  process groups -> data -> model chunks (DDP) -> optimizer + LR
                              schedule -> loss reduction (plain mean or reweighting) -> evaluator
-    loop (train):            next batch -> train_step -> non-finite policy -> log -> evaluate
+    loop (train):            next batch -> train_step (the mixture controller observes it) ->
+                             non-finite policy -> log -> stop requests -> evaluate -> checkpoint
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ class Trainer:
     cfg: HeftConfig
     layout: object
     domain_names: list
-    domain_weights: dict
-    """The static mixture: normalised weight per domain in use."""
     vocab_size: int
     chunks: list
     optimizer: object
@@ -40,6 +39,7 @@ class Trainer:
     reduction: object
     forward_backward: object
     batches: object
+    """data.mixer.DomainMixer: this replica's batches, and the mixture's state."""
     evaluator: object
     flops_per_token: float
     peak_flops: float | None
@@ -49,9 +49,12 @@ class Trainer:
     """checkpoint.Progress: the step reached and the skip counters, saved with every checkpoint."""
 
     def step(self, step: int) -> StepResult:
-        return train_step(self.forward_backward, self.chunks, self.optimizer, self.scheduler,
-                          self.reduction, step, next(self.batches), self.cfg.train.micro_batch_size,
-                          self.cfg.model.seq_length)
+        result = train_step(self.forward_backward, self.chunks, self.optimizer, self.scheduler,
+                            self.reduction, step, next(self.batches), self.cfg.train.micro_batch_size,
+                            self.cfg.model.seq_length)
+        if not result.report.nonfinite_samples:  # online mixture controllers learn from the step
+            self.batches.observe(step, result.report.domain_counts, result.report.domain_loss_sums)
+        return result
 
 
 def start_processes(cfg: HeftConfig):
@@ -81,21 +84,37 @@ def check_backends(cfg: HeftConfig, backends) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def replica_batches(cfg: HeftConfig, data_parallel: int, state: dict | None = None):
-    """This rank's per-step batches: its replica's share of each global batch (from ``state``, a
-    checkpoint's data state, when resuming)."""
-    from heft.data.loader import TrainBatches
+def replica_batches(cfg: HeftConfig, layout, state: dict | None = None, reference=None):
+    """This replica's per-step batches, mixed from one streaming dataset per domain by the
+    configured controller (from ``state``, a checkpoint's data state, when resuming)."""
+    from heft.data.loader import domain_proportions
+    from heft.data.mixer import DomainMixer
+    from heft.data.prepare import load_manifest
 
-    return TrainBatches(
-        cfg.data.path,
-        cfg.data.proportions,
-        batch_per_replica=cfg.train.micro_batch_size * num_microbatches(cfg, data_parallel),
-        global_batch_size=cfg.train.global_batch_size,
-        replication=cfg.parallel.model_parallel_size(),
-        shuffle_seed=cfg.data.shuffle_seed,
-        num_canonical_nodes=cfg.data.num_canonical_nodes,
-        state=state,
+    return DomainMixer(
+        cfg.data.path, cfg.data, cfg.mixture,
+        initial_weights=domain_proportions(load_manifest(cfg.data.path), cfg.data.proportions),
+        global_batch_size=cfg.train.global_batch_size, replica=layout.dp_rank,
+        replicas=layout.data_parallel, seed=cfg.train.seed, total_steps=cfg.train.steps,
+        seq_length=cfg.model.seq_length, reference=reference, state=state,
     )
+
+
+def clean_stale_data_state(cfg: HeftConfig) -> None:
+    """One rank per node removes what killed runs left of streaming's shared state for this data
+    (``data/shm.py``); every rank waits for it before building a dataset."""
+    import os
+
+    import torch.distributed as dist
+
+    from heft.data.shm import clean_stale_streaming_state
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        removed = clean_stale_streaming_state(cfg.data.path)
+        if removed:
+            print(f"heft: removed the shared memory {len(removed)} killed dataset(s) of "
+                  f"{cfg.data.path} left behind", flush=True)
+    dist.barrier()
 
 
 def build_loss_reduction(cfg: HeftConfig, layout, domain_names: list[str], reweight=None):
@@ -121,6 +140,7 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
+    from heft.data.controllers import check_mixture
     from heft.data.loader import check_sequence_length, domain_proportions, validation_batches
     from heft.data.verify import check_enough_samples, verify_dataset
     from heft.launcher.evaluate import Evaluator
@@ -143,6 +163,8 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
                          cfg.train.global_batch_size, cfg.data.path)
     vocab_size = manifest["tokenizer"]["vocab_size"]
     domain_names = [d["name"] for d in manifest["domains"]]
+    reference = check_mixture(cfg.mixture, domain_names, cfg.data.path)
+    clean_stale_data_state(cfg)
 
     t, m = cfg.train, cfg.model
     chunks = build_model(cfg, vocab_size, backends)
@@ -158,8 +180,7 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
             build_loss_reduction(cfg, layout, domain_names, ReweightConfig(strategy="none")),
             chunks, forward_backward, t.micro_batch_size, m.seq_length)
     trainer = Trainer(
-        cfg=cfg, layout=layout, domain_names=domain_names,
-        domain_weights=domain_proportions(manifest, cfg.data.proportions), vocab_size=vocab_size,
+        cfg=cfg, layout=layout, domain_names=domain_names, vocab_size=vocab_size,
         chunks=chunks, optimizer=optimizer, scheduler=scheduler, reduction=reduction,
         forward_backward=forward_backward, batches=None, evaluator=evaluator,
         flops_per_token=flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
@@ -170,7 +191,7 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     if start.checkpoint:
         trainer.progress = checkpoint.load(trainer, Path(start.checkpoint), start.state)
     # Built after the checkpoint is known: streaming takes a resume state only before iterating.
-    trainer.batches = replica_batches(cfg, layout.data_parallel, start.state["data"] if start.state else None)
+    trainer.batches = replica_batches(cfg, layout, start.state["data"] if start.state else None, reference)
     return trainer
 
 
@@ -196,6 +217,11 @@ def check_nonfinite(cfg: HeftConfig, step: int, result: StepResult, consecutive_
     if cfg.train.on_nonfinite_loss == "skip":
         say(f"heft: skipping step {step}: {message}")
     return consecutive_skips + 1
+
+
+def announce(line: str | None) -> None:
+    if line:
+        say(line)
 
 
 def say(line: str) -> None:
@@ -237,6 +263,7 @@ def step_record(trainer: Trainer, step: int, result: StepResult, throughput: Thr
                 if trainer.peak_flops else None),
         "skipped_steps": skipped,
         **result.report.metrics,
+        **trainer.batches.take_telemetry(),
     }
 
 
@@ -279,6 +306,7 @@ def train(cfg: HeftConfig) -> list[dict]:
             if step % t.log_interval == 0 or step == t.steps:
                 records.append(step_record(trainer, step, result, throughput, progress.skipped_steps))
                 writer.log(records[-1], histogram=result.report.histogram)
+                announce(trainer.batches.weight_change(step))
             saver.poll()
             stop = stops.agreed()
             if not stop and evaluation_due(cfg, step) and trainer.evaluator:
@@ -305,6 +333,7 @@ def train(cfg: HeftConfig) -> list[dict]:
         raise
     finally:
         watchdog.close()
+        trainer.batches.close()
     writer.close()
     say(output.summary(cfg, progress.step, records, time.perf_counter() - started,
                        checkpoint=str(saved) if saved else None))

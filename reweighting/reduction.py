@@ -66,6 +66,10 @@ class StepReport:
     histogram: dict | None = None
     sample_records: list = field(default_factory=list)
     """This rank's (domain, index, loss, weight) rows when requested (sample-reporting ranks only)."""
+    domain_counts: list = field(default_factory=list)
+    """Finite samples per domain in the global batch (the same on every rank)."""
+    domain_loss_sums: list = field(default_factory=list)
+    """Sum of those samples' unweighted mean losses per domain: what online mixture controllers read."""
 
 
 def _uniform_hash(seed: int, step: int, domain: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -290,10 +294,11 @@ class LossReduction:
         tokens = int(v[1].item())
         report = StepReport(loss=(v[0] / max(v[1].item(), 1)).item(), tokens=tokens,
                             nonfinite_samples=nonfinite, sample_records=records)
+        counts, loss_sums, weight_sums = v[10:10 + k], v[10 + k:10 + 2 * k], v[10 + 2 * k:10 + 3 * k]
+        report.domain_counts, report.domain_loss_sums = counts.tolist(), loss_sums.tolist()
         n = v[3].item()
         if n == 0:
             return report
-        counts, loss_sums, weight_sums = v[10:10 + k], v[10 + k:10 + 2 * k], v[10 + 2 * k:10 + 3 * k]
         for d, name in enumerate(self.domain_names):
             if counts[d] > 0:
                 report.metrics[f"domain_{name}_loss"] = (loss_sums[d] / counts[d]).item()

@@ -18,7 +18,7 @@ def main():
     cpu_compat.enable_if_no_cuda()
     cfg = load_config(config, overrides)
     layout = start_processes(cfg)
-    batches = replica_batches(cfg, layout.data_parallel)
+    batches = replica_batches(cfg, layout)
     seen = []
     for _ in range(int(steps)):
         batch = next(batches)

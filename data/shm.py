@@ -1,0 +1,116 @@
+"""Clean what killed runs left of mosaicml-streaming's shared state, and nothing else.
+
+Every ``StreamingDataset`` registers a prefix ``NNNNNN`` and creates ``/dev/shm/NNNNNN_<name>``
+segments (``NNNNNN_locals`` lists the dataset's local directories) and two file locks
+``$TMPDIR/NNNNNN_{barrier,cache}_filelock``. A run killed with SIGKILL never removes its segments, and
+streaming never removes its file locks at all; new datasets skip every prefix that has either, so
+both pile up. Streaming's own ``clean_stale_shared_memory()`` removes every prefix, including those
+of other jobs still running on the node.
+
+Whether a prefix is live cannot be read from the segments (a new dataset maps every older prefix
+it scans, live or not), so heft marks the prefixes its datasets use: ``/dev/shm/heft-NNNNNN-PID``
+(:func:`mark_in_use`). A prefix is removed only if it is stale and heft's own:
+
+* it carries heft markers and every process they name has exited, and
+* its ``locals`` names only directories inside this run's ``data.path``,
+
+plus the file locks, owned by this user, of prefixes that have no segments left at all (no running
+dataset uses them: streaming creates the locals segment before the locks). Another program's
+datasets carry no marker and are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from tempfile import gettempdir
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = re.compile(r"^(\d{6})_")
+MARKER = re.compile(r"^heft-(\d{6})-\d+$")
+LOCK_SUFFIXES = ("barrier_filelock", "cache_filelock")
+
+
+def mark_in_use(prefix: int) -> None:
+    """Record that this process uses streaming prefix ``prefix`` (call after building a dataset)."""
+    (SHM_DIR / f"heft-{prefix:06}-{os.getpid()}").touch()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _locals_of(prefix: str) -> list[str] | None:
+    """The local directories a prefix's locals segment registers (streaming's packing)."""
+    try:
+        data = (SHM_DIR / f"{prefix}_locals").read_bytes()
+    except OSError:
+        return None
+    # [int32 size]["dir\0dir\0...\0prefix"]; a dataset torn down midway can leave the size zeroed,
+    # so read the directories (absolute paths) up to the first empty entry.
+    directories = []
+    for entry in data[4:].split(b"\0"):
+        if not entry.startswith(b"/"):
+            break
+        try:
+            directories.append(entry.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None
+    return directories or None
+
+
+def clean_stale_streaming_state(data_path: str | Path) -> list[str]:
+    """Remove stale streaming segments registered for directories under ``data_path`` and orphaned
+    file locks. Run on one rank per node before any dataset is built. Returns the prefixes removed."""
+    if not SHM_DIR.is_dir():
+        return []
+    root = os.path.realpath(data_path)
+    segments: dict[str, list[Path]] = {}
+    markers: dict[str, list[Path]] = {}
+    for path in SHM_DIR.iterdir():
+        match = PREFIX.match(path.name) or MARKER.match(path.name)
+        if match:
+            (segments if path.name[0].isdigit() else markers).setdefault(match.group(1), []).append(path)
+    removed = []
+    uid = os.getuid()
+    for prefix, paths in segments.items():
+        users = [int(marker.name.rsplit("-", 1)[1]) for marker in markers.get(prefix, [])]
+        if not users or any(_alive(pid) for pid in users):
+            continue  # not heft's, or still in use
+        local_dirs = _locals_of(prefix)
+        if not local_dirs or not all(_inside(d, root) for d in local_dirs):
+            continue  # another dataset's (or unreadable): not ours to judge
+        for path in paths + markers.get(prefix, []):
+            if _owned_by(path, uid):
+                path.unlink(missing_ok=True)
+        removed.append(prefix)
+    for prefix, paths in markers.items():  # markers of prefixes whose segments are gone
+        if prefix not in segments:
+            for path in paths:
+                if not _alive(int(path.name.rsplit("-", 1)[1])) and _owned_by(path, uid):
+                    path.unlink(missing_ok=True)
+    live = {p for p in segments if p not in removed}
+    for lock in Path(gettempdir()).glob("[0-9][0-9][0-9][0-9][0-9][0-9]_*_filelock"):
+        prefix = lock.name[:6]
+        if prefix not in live and lock.name[7:] in LOCK_SUFFIXES and _owned_by(lock, uid):
+            lock.unlink(missing_ok=True)
+    return removed
+
+
+def _inside(directory: str, root: str) -> bool:
+    real = os.path.realpath(directory)
+    return real == root or real.startswith(root + os.sep)
+
+
+def _owned_by(path: Path, uid: int) -> bool:
+    try:
+        return path.stat().st_uid == uid
+    except OSError:
+        return False
