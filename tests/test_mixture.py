@@ -343,15 +343,18 @@ def noise_and_easy(tmp_path_factory) -> Path:
 def test_online_controllers_move_weight_to_the_domain_still_learning(tmp_path, noise_and_easy, controller):
     (tmp_path / "ref.yaml").write_text("noise: 3.0\neasy: 0.0\n")
     run_dir = tmp_path / "run"
-    run_heft(["train", f"data.path={noise_and_easy}", "model.preset=tiny", "model.seq_length=32",
-              "train.steps=24", "train.global_batch_size=16", "train.micro_batch_size=8",
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"data: {{path: {noise_and_easy}}}\n")
+    run_heft(["train", str(config), "model.preset=tiny", "model.seq_length=32", "train.steps=24", "train.global_batch_size=16", "train.micro_batch_size=8",
               "train.log_interval=4", f"train.run_dir={run_dir}", "optim.lr=0.01", "parallel.data=1",
               "checkpoint.interval=0", f"mixture.controller={controller}", "mixture.update_interval=2",
               "mixture.min_weight=0.1", f"mixture.reference={tmp_path / 'ref.yaml'}"], timeout=300)
     records = read_metrics(run_dir)
     noise = [r["mixture_noise_target"] for r in records]
     easy = [r["mixture_easy_target"] for r in records]
-    assert noise[-1] > 0.6 and noise[-1] > noise[0], noise
+    # Early on "easy" has the larger loss too (nothing is learnt yet); once it is learnt, weight
+    # moves to "noise", whose loss cannot fall.
+    assert noise[-1] > max(0.45, noise[0] + 0.2), noise
     assert min(easy) >= 0.1 - 1e-9, easy
     # Telemetry: the realised fraction follows the target, and TensorBoard has a curve per domain.
     assert sum(r["mixture_noise_realised"] for r in records[-3:]) / 3 > 0.55
