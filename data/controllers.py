@@ -51,7 +51,9 @@ class Controller:
 
     def __init__(self, cfg: MixtureConfig, names: list[str], initial: np.ndarray, **_):
         self.cfg, self.names = cfg, names
-        self.weights = np.asarray(initial, dtype=np.float64) / np.sum(initial)
+        initial = np.asarray(initial, dtype=np.float64)
+        # A schedule brings its own weights; without starting weights every domain starts equal.
+        self.weights = initial / initial.sum() if initial.sum() > 0 else np.full(len(names), 1.0 / len(names))
 
     def weights_for(self, step: int) -> np.ndarray:
         return self.weights

@@ -1,11 +1,11 @@
-"""Training batches from prepared domains, through mosaicml-streaming.
+"""Batches, the domain weights a config asks for, and the held-out batches, through mosaicml-streaming.
 
-One ``Stream`` per domain with the static proportion from the config. Every rank of one
-data-parallel replica (its TP, CP and PP ranks) must see the same batch and different replicas
-disjoint samples: streaming's ``replication=TP*CP*PP`` gives each block of that many *consecutive*
-global ranks identical samples, which is why heft orders ranks data-parallel-outermost
-(``model/parallel.py``). Streaming reads RANK / WORLD_SIZE / LOCAL_WORLD_SIZE from the environment
-torchrun (or heft's Slurm mapping) sets.
+Training batches come from ``data/mixer.py``. The validation split is read here as one streaming
+dataset: every rank of one data-parallel replica (its TP, CP and PP ranks) must see the same batch
+and different replicas disjoint samples, and streaming's ``replication=TP*CP*PP`` gives each block of
+that many *consecutive* global ranks identical samples, which is why heft orders ranks
+data-parallel-outermost (``model/parallel.py``). Streaming reads RANK / WORLD_SIZE /
+LOCAL_WORLD_SIZE from the environment torchrun (or heft's Slurm mapping) sets.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from heft.data.config import DataConfigError
 from heft.data.prepare import load_manifest
 from heft.data.shm import mark_in_use
 
-__all__ = ["Batch", "DataConfigError", "TrainBatches", "validation_batches"]
+__all__ = ["Batch", "DataConfigError", "validation_batches"]
 
 
 @dataclass
@@ -73,77 +73,6 @@ def check_sequence_length(manifest: dict, seq_length: int, path: str) -> None:
             f"{manifest['seq_length']}; set model.seq_length={manifest['seq_length']} or re-run "
             f"heft prepare with --seq-length {seq_length}"
         )
-
-
-class TrainBatches:
-    """Endless iterator of this replica's per-step batches, epoch after epoch, resumable exactly.
-
-    Its state is global (the same on every rank): the epoch and the number of samples of the
-    global order already consumed in it. Loaded into a freshly built dataset (streaming ignores a
-    state loaded after iteration began), streaming skips exactly those samples of the same global
-    order, whatever the new data-parallel size, so no sample is seen twice or skipped.
-    """
-
-    def __init__(self, path: str, proportions: dict[str, float] | None, batch_per_replica: int,
-                 global_batch_size: int, replication: int, shuffle_seed: int,
-                 num_canonical_nodes: int | None = None, state: dict | None = None):
-        from streaming import StreamingDataLoader, StreamingDataset, Stream
-
-        manifest = load_manifest(path)
-        weights = domain_proportions(manifest, proportions)
-        streams = [Stream(local=str(Path(path) / name / "train"), proportion=weight)
-                   for name, weight in weights.items()]
-        self.global_batch_size = global_batch_size
-        self.dataset = StreamingDataset(
-            streams=streams,
-            batch_size=batch_per_replica,
-            shuffle=True,
-            shuffle_seed=shuffle_seed,
-            num_canonical_nodes=num_canonical_nodes,
-            replication=replication if replication > 1 else None,
-        )
-        self.epoch, self.sample_in_epoch = 0, 0
-        self._initial_physical_nodes = None
-        if state is not None:
-            if state["shuffle_seed"] != shuffle_seed:
-                raise DataConfigError(
-                    f"data.shuffle_seed={shuffle_seed} but the checkpoint was trained with "
-                    f"{state['shuffle_seed']}; resuming would change the sample order. Set "
-                    f"data.shuffle_seed={state['shuffle_seed']}")
-            self.epoch, self.sample_in_epoch = state["epoch"], state["sample_in_epoch"]
-            self._initial_physical_nodes = state.get("initial_physical_nodes")
-            self.dataset.load_state_dict(state)
-        self.loader = StreamingDataLoader(self.dataset, batch_size=batch_per_replica, collate_fn=_collate,
-                                          num_workers=0, drop_last=True)
-        self._iterator = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        while True:
-            if self._iterator is None:
-                self._iterator = iter(self.loader)
-            try:
-                collated = next(self._iterator)
-            except StopIteration:  # the epoch ended: the next one reshuffles
-                self._iterator = None
-                self.epoch, self.sample_in_epoch = self.epoch + 1, 0
-                continue
-            self.sample_in_epoch += self.global_batch_size
-            return Batch(**collated)
-
-    def state_dict(self) -> dict:
-        """The position in the global sample order, as streaming's resume state."""
-        from streaming.base.world import World
-
-        return {
-            "epoch": self.epoch,
-            "sample_in_epoch": self.sample_in_epoch,
-            "num_canonical_nodes": self.dataset.num_canonical_nodes,
-            "shuffle_seed": self.dataset.shuffle_seed,
-            "initial_physical_nodes": self._initial_physical_nodes or World.detect().num_nodes,
-        }
 
 
 def validation_batches(path: str, micro_batch_size: int, replication: int,
