@@ -1,7 +1,8 @@
 """``heft plot RUN_DIR``: one PNG with what people look at first, drawn from metrics.jsonl.
 
 Panels: training loss (and held-out loss), per-domain training loss, per-domain sample weight and
-realised fraction of the batch, and the effective sample size of the weights. Panels whose metrics
+realised fraction of the batch, the effective sample size of the weights, the domain mixture (each
+domain's target weight and the fraction drawn), and the time steps waited for data. Panels whose metrics
 the run did not log (no reweighting, no evaluation) say so instead of staying blank.
 """
 
@@ -32,12 +33,12 @@ def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def _domains(records: list[dict], suffix: str) -> list[str]:
+def _domains(records: list[dict], suffix: str, prefix: str = "domain_") -> list[str]:
     names = []
     for record in records:
         for key in record:
-            if key.startswith("domain_") and key.endswith(suffix):
-                name = key[len("domain_"):-len(suffix)]
+            if key.startswith(prefix) and key.endswith(suffix):
+                name = key[len(prefix):-len(suffix)]
                 if name not in names:
                     names.append(name)
     return names
@@ -57,7 +58,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     train, evals = read_records(run_dir)
     out = Path(out) if out else run_dir / "plots.png"
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    fig, axes = plt.subplots(3, 2, figsize=(12, 12), constrained_layout=True)
     fig.suptitle(f"heft run {run_dir}")
 
     ax = axes[0][0]
@@ -92,6 +93,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     else:
         ax.text(0.5, 0.5, "no reweighting in this run", ha="center", va="center", transform=ax.transAxes)
     ax.set(title="effective sample size / batch size", xlabel="step")
+
+    ax = axes[2][0]
+    for i, name in enumerate(_domains(train, "_target", prefix="mixture_")):
+        ax.plot(*_series(train, f"mixture_{name}_target"), color=f"C{i}", label=f"{name} target")
+        ax.plot(*_series(train, f"mixture_{name}_realised"), color=f"C{i}", linestyle="--",
+                label=f"{name} drawn")
+    ax.set(title="domain mixture: target weight (solid) and fraction drawn (dashed)", xlabel="step")
+    ax.legend(fontsize="small")
+
+    ax = axes[2][1]
+    steps, waits = _series(train, "data_wait_s")
+    ax.plot(steps, [1000 * w for w in waits])
+    ax.set(title="time a step waited for its batch", xlabel="step", ylabel="ms")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

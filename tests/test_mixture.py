@@ -360,6 +360,9 @@ def test_online_controllers_move_weight_to_the_domain_still_learning(tmp_path, n
     assert sum(r["mixture_noise_realised"] for r in records[-3:]) / 3 > 0.55
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from heft.launcher.plot import plot_run
+
+    assert plot_run(run_dir).stat().st_size > 10_000  # with the mixture panel
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/mixture_noise_target", "train/mixture_easy_target",
