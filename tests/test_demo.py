@@ -46,5 +46,5 @@ def test_make_demo_trains_and_loss_falls(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert plotted.returncode == 0, plotted.stderr
     image = matplotlib.image.imread(run / "plots.png")
-    assert image.shape[:2] == (800, 1200)
+    assert image.shape[:2] == (1200, 1200)  # 3 x 2 panels
     assert image[..., :3].std() > 0.05  # not a blank canvas
