@@ -36,8 +36,8 @@ def read_rate(data: Path, seq_length: int, global_batch: int, replicas: int, ste
 
     mixture = MixtureConfig(controller="schedule", prefetch=prefetch, schedule=[
         {"step": 1, "code": 1.0}, {"step": steps, "docs": 1.0, "legal": 1.0}])
-    mixer = DomainMixer(str(data), DataConfig(path=str(data)), mixture, {}, global_batch, 0, replicas,
-                        seed=0, total_steps=steps, seq_length=seq_length)
+    mixer = DomainMixer(DataConfig(path=str(data)), mixture, global_batch, 0, replicas, seed=0,
+                        total_steps=steps, seq_length=seq_length)
     next(mixer)  # the first batch is read synchronously
     waits = []
     for _ in range(steps):

@@ -20,7 +20,8 @@ class DataConfig:
     """Static domain mixture, e.g. {code: 0.5, docs: 0.5}; normalised. None: by token count."""
     shuffle_seed: int = 1234
     num_canonical_nodes: int | None = None
-    """mosaicml-streaming's canonical node count; fixed values keep sample order layout-invariant."""
+    """Canonical node count of streaming's py1e shuffle, which orders each domain's training samples
+    (unset: 1); part of the sample order, so a resume must keep it."""
 
     def check(self) -> None:
         if self.proportions is not None:

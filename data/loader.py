@@ -57,8 +57,9 @@ def domain_proportions(manifest: dict, proportions: dict[str, float] | None) -> 
     return {n: proportions[n] / total for n in names if proportions.get(n, 0) > 0}
 
 
-def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    # A plain dict: StreamingDataLoader counts samples by looking into the collated batch.
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """MDS samples -> the fields of a Batch. A plain dict: StreamingDataLoader counts samples by
+    looking into the collated batch."""
     return {
         "tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64)),
         "domain": torch.tensor([int(s["domain"]) for s in samples], dtype=torch.int64),
@@ -89,7 +90,7 @@ def validation_batches(path: str, micro_batch_size: int, replication: int,
     dataset = StreamingDataset(streams=streams, shuffle=False, batch_size=micro_batch_size,
                                replication=replication if replication > 1 else None)
     mark_in_use(dataset._shm_prefix_int)
-    loader = StreamingDataLoader(dataset, batch_size=micro_batch_size, collate_fn=_collate,
+    loader = StreamingDataLoader(dataset, batch_size=micro_batch_size, collate_fn=collate,
                                  num_workers=0, drop_last=True)
     batches = []
     for collated in loader:

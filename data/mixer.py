@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from heft.data.config import DataConfig, DataConfigError, MixtureConfig
 from heft.data.controllers import apply_floor, build_controller
-from heft.data.loader import Batch
+from heft.data.loader import Batch, collate, domain_proportions
 from heft.data.prepare import load_manifest
 from heft.data.shm import mark_in_use
 
@@ -95,11 +94,13 @@ class Cursor:
 class DomainMixer:
     """Endless iterator of this replica's per-step batches; see the module docstring."""
 
-    def __init__(self, path: str, data: DataConfig, mixture: MixtureConfig, initial_weights: dict[str, float],
-                 global_batch_size: int, replica: int, replicas: int, seed: int, total_steps: int,
-                 seq_length: int, reference: np.ndarray | None = None, state: dict | None = None):
+    def __init__(self, data: DataConfig, mixture: MixtureConfig, global_batch_size: int, replica: int,
+                 replicas: int, seed: int, total_steps: int, seq_length: int,
+                 reference: np.ndarray | None = None, state: dict | None = None):
+        path = data.path
         manifest = load_manifest(path)
         self.names = [d["name"] for d in manifest["domains"]]
+        initial_weights = domain_proportions(manifest, data.proportions)  # the starting mixture
         self.mixture = mixture
         self.global_batch_size, self.seed = global_batch_size, seed
         share = global_batch_size // replicas
@@ -150,12 +151,7 @@ class DomainMixer:
         return [picks[p] for p in permutation], weights.tolist()
 
     def _read(self, plan: list[list[int]]) -> Batch:
-        samples = [self.sources[d].read(i) for d, i in plan[self.share]]
-        return Batch(
-            tokens=torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64)),
-            domain=torch.tensor([int(s["domain"]) for s in samples], dtype=torch.int64),
-            index=torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64),
-        )
+        return Batch(**collate([self.sources[d].read(i) for d, i in plan[self.share]]))
 
     def _submit(self, plan):
         return self._prefetch.submit(self._read, plan) if self._prefetch else None
@@ -179,9 +175,7 @@ class DomainMixer:
 
     def observe(self, step: int, counts, loss_sums) -> None:
         """A finished step's per-domain sample counts and loss sums (from the loss reduction)."""
-        counts, loss_sums = np.asarray(counts, dtype=np.float64), np.asarray(loss_sums, dtype=np.float64)
-        if np.isfinite(loss_sums).all():
-            self.controller.observe(step, counts, loss_sums)
+        self.controller.observe(step, np.asarray(counts, dtype=np.float64), np.asarray(loss_sums, dtype=np.float64))
 
     def _count(self, plan, waited: float) -> None:
         domains = np.fromiter((d for d, _ in plan), dtype=np.int64, count=len(plan))
@@ -210,10 +204,9 @@ class DomainMixer:
 
     def weight_change(self, step: int, tolerance: float = 5e-3) -> str | None:
         """A line describing how the weights moved since the last such line (None: they did not)."""
-        now = self.weights()
-        before = getattr(self, "_announced", None)
+        now, before = self.weights(), self._announced
         self._announced = now
-        if before is None or max(abs(now[n] - before[n]) for n in self.names) < tolerance:
+        if max(abs(now[n] - before[n]) for n in self.names) < tolerance:
             return None
         moves = ", ".join(f"{n} {before[n]:.3f}->{now[n]:.3f}" for n in self.names
                           if abs(now[n] - before[n]) >= tolerance / 10)

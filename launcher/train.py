@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from heft.launcher.config import HeftConfig, ConfigError, num_microbatches, validate
+from heft.launcher.config import HeftConfig, ConfigError, validate
 from heft.launcher.metrics import MetricsWriter
 from heft.launcher.optim import build_optimizer, current_lr
 from heft.launcher.step import StepResult, device, train_step
@@ -87,14 +87,10 @@ def check_backends(cfg: HeftConfig, backends) -> None:
 def replica_batches(cfg: HeftConfig, layout, state: dict | None = None, reference=None):
     """This replica's per-step batches, mixed from one streaming dataset per domain by the
     configured controller (from ``state``, a checkpoint's data state, when resuming)."""
-    from heft.data.loader import domain_proportions
     from heft.data.mixer import DomainMixer
-    from heft.data.prepare import load_manifest
 
     return DomainMixer(
-        cfg.data.path, cfg.data, cfg.mixture,
-        initial_weights=domain_proportions(load_manifest(cfg.data.path), cfg.data.proportions),
-        global_batch_size=cfg.train.global_batch_size, replica=layout.dp_rank,
+        cfg.data, cfg.mixture, global_batch_size=cfg.train.global_batch_size, replica=layout.dp_rank,
         replicas=layout.data_parallel, seed=cfg.train.seed, total_steps=cfg.train.steps,
         seq_length=cfg.model.seq_length, reference=reference, state=state,
     )

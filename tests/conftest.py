@@ -89,6 +89,17 @@ optim: {{lr: 3.0e-3, warmup_steps: 0}}
     return path
 
 
+def dump_batches(out: Path, config: Path, overrides: list[str], nproc: int, steps: int) -> list[dict]:
+    """Run tests/workers/dump_batches.py under torchrun: per rank, its layout coordinates and the
+    (domain, index) pairs of each of its ``steps`` batches."""
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(REPO / "tests" / "workers" / "dump_batches.py"), str(out), str(steps), str(config), *overrides]
+    proc = subprocess.run(cmd, env=heft_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
 def wait_for_step(proc, run_dir: Path, step: int, limit: float = 180) -> None:
     """Wait until a running `heft train` has logged ``step`` (its metrics.jsonl says so)."""
     import time

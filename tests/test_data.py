@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, heft_env, run_heft
+from conftest import dump_batches, run_heft
 from heft.data.prepare import load_manifest, prepare, read_documents
 from heft.data.tokenizer import EOS_TEXT, load_tokenizer
 
@@ -78,22 +76,12 @@ def test_cli_prepare_from_files(tmp_path):
     assert [d["name"] for d in manifest["domains"]] == ["web"] and manifest["domains"][0]["train"]["samples"] > 0
 
 
-def _dump(tmp_path, config, layout, nproc, steps):
-    out = tmp_path / "dump"
-    out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(REPO / "tests" / "workers" / "dump_batches.py"), str(out), str(steps), str(config), *layout]
-    proc = subprocess.run(cmd, env=heft_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-
-
 @pytest.mark.parametrize("layout", [
     ["parallel.tensor=2", "parallel.data=2"],
     ["parallel.pipeline=2", "parallel.data=2"],
 ])
 def test_replica_ranks_share_samples_and_replicas_are_disjoint(tmp_path, tiny_train_config, layout):
-    ranks = _dump(tmp_path, tiny_train_config, layout, nproc=4, steps=20)
+    ranks = dump_batches(tmp_path / "dump", tiny_train_config, layout, nproc=4, steps=20)
     by_replica: dict[int, list] = {}
     for r in ranks:
         by_replica.setdefault(r["dp_rank"], []).append(r["batches"])
@@ -105,7 +93,7 @@ def test_replica_ranks_share_samples_and_replicas_are_disjoint(tmp_path, tiny_tr
 
 
 def test_static_proportions_hold(tmp_path, tiny_train_config):
-    ranks = _dump(tmp_path, tiny_train_config, ["parallel.data=2"], nproc=2, steps=150)
+    ranks = dump_batches(tmp_path / "dump", tiny_train_config, ["parallel.data=2"], nproc=2, steps=150)
     domains = Counter(d for r in ranks for batch in r["batches"] for d, _ in batch)
     total = sum(domains.values())  # 150 steps x 8 samples
     for domain_id, want in {0: 0.5, 1: 0.25, 2: 0.25}.items():

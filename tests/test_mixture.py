@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, heft_env, read_metrics, run_heft
+from conftest import dump_batches, heft_env, read_metrics, run_heft
 from heft.data.config import DataConfig, DataConfigError, MixtureConfig
 from heft.data.controllers import DoReMi, OnlineDataMixing, Schedule, apply_floor, check_mixture
 from heft.data.mixer import DomainExhausted, DomainMixer, draw_step
@@ -161,9 +161,9 @@ def test_bad_weights_fail_before_launch_in_one_line(tiny_train_config):
 # --- the mixer over real streaming datasets (one process) ----------------------------------------------
 
 def _mixer(path, mixture=None, state=None, replica=0, replicas=1, batch=8, weights=None):
-    return DomainMixer(str(path), DataConfig(path=str(path)), mixture or MixtureConfig(),
-                       weights or {"code": 0.5, "docs": 0.25, "legal": 0.25}, batch, replica, replicas,
-                       seed=1234, total_steps=100, seq_length=64, state=state)
+    data = DataConfig(path=str(path), proportions=weights or {"code": 0.5, "docs": 0.25, "legal": 0.25})
+    return DomainMixer(data, mixture or MixtureConfig(), batch, replica, replicas, seed=1234,
+                       total_steps=100, seq_length=64, state=state)
 
 
 def _ids(batch):
@@ -306,22 +306,18 @@ def test_resume_under_tp2_dp2_consumes_the_same_samples_while_online_weights_cha
     assert targets == [{k: v for k, v in r.items() if k.startswith("mixture_")} for r in read_metrics(split)]
 
 
-def _dump(tmp_path, name, config, layout, steps):
-    out = tmp_path / name
-    out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-           str(REPO / "tests" / "workers" / "dump_batches.py"), str(out), str(steps), str(config), *layout]
-    proc = subprocess.run(cmd, env=heft_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+def _global_batches(out: Path, config, layout, steps):
+    """Each step's global batch under ``layout`` (4 processes): the replicas' shares in DP order."""
+    ranks = dump_batches(out, config, layout, nproc=4, steps=steps)
     replicas = {r["dp_rank"]: r["batches"] for r in ranks if r["tp_rank"] == 0}
     return [[tuple(s) for dp in sorted(replicas) for s in replicas[dp][step]] for step in range(steps)]
 
 
 def test_dp4_and_tp2_dp2_consume_the_same_samples_per_step(tmp_path, tiny_train_config):
     schedule = ["mixture.controller=schedule", "mixture.schedule=[{step: 1, code: 1}, {step: 6, docs: 1, legal: 1}]"]
-    dp4 = _dump(tmp_path, "dp4", tiny_train_config, ["parallel.data=4", *schedule], 8)
-    tp2dp2 = _dump(tmp_path, "tp2dp2", tiny_train_config, ["parallel.tensor=2", "parallel.data=2", *schedule], 8)
+    dp4 = _global_batches(tmp_path / "dp4", tiny_train_config, ["parallel.data=4", *schedule], 8)
+    tp2dp2 = _global_batches(tmp_path / "tp2dp2", tiny_train_config,
+                             ["parallel.tensor=2", "parallel.data=2", *schedule], 8)
     assert dp4 == tp2dp2
     assert {d for d, _ in dp4[0]} == {0} and {d for d, _ in dp4[7]} <= {1, 2}
 
