@@ -202,12 +202,13 @@ class DomainMixer:
             weights = apply_floor(self.controller.weights_for(self.next_step), self.mixture.min_weight).tolist()
         return dict(zip(self.names, weights))
 
-    def weight_change(self, step: int, tolerance: float = 5e-3) -> str | None:
-        """A line describing how the weights moved since the last such line (None: they did not)."""
+    def weight_change(self, step: int, tolerance: float = 0.01) -> str | None:
+        """A line describing how the weights moved since the last such line, once some weight has
+        moved by ``tolerance`` (None before that): slow drifts add up, small jitter stays quiet."""
         now, before = self.weights(), self._announced
-        self._announced = now
         if max(abs(now[n] - before[n]) for n in self.names) < tolerance:
             return None
+        self._announced = now
         moves = ", ".join(f"{n} {before[n]:.3f}->{now[n]:.3f}" for n in self.names
                           if abs(now[n] - before[n]) >= tolerance / 10)
         return f"heft: mixture ({self.controller.name}) at step {step}: {moves}"

@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 
-from heft.launcher import reporting
+from heft.launcher import output, reporting
 
 WORKER_MODULE = "heft.launcher.worker"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -118,6 +118,9 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
         nproc = int(next(a for a in torchrun_args if a.startswith("--nproc-per-node=")).split("=")[1])
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     _quiet_agent(verbose)
+    child_filters = output.child_process_warning_filters()
+    if child_filters:
+        os.environ["PYTHONWARNINGS"] = child_filters
     parser = get_args_parser()
     if "--signals-to-handle" in parser._option_string_actions:  # torch >= 2.13; older read the variable
         torchrun_args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *torchrun_args]

@@ -48,6 +48,21 @@ KNOWN_HARMLESS_LOGGERS = [
 ]
 
 
+# (PYTHONWARNINGS entry, why): for helper processes the workers start, which run none of heft's code
+# and so take their filters from the environment.
+KNOWN_HARMLESS_CHILD_WARNINGS = [
+    ("ignore::UserWarning:multiprocessing.resource_tracker",
+     "a killed worker's resource tracker announces that it freed the worker's shared memory (the "
+     "streaming datasets'): cleanup working as intended, printed in the middle of the failure report"),
+]
+
+
+def child_process_warning_filters() -> str | None:
+    """PYTHONWARNINGS for the workers' environment: the user's own, then the list above (unless verbose)."""
+    ours = [] if verbose() else [entry for entry, _why in KNOWN_HARMLESS_CHILD_WARNINGS]
+    return ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *ours])) or None
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_VAR, "") not in ("", "0")
 
