@@ -32,6 +32,36 @@ MARKER = re.compile(r"^heft-(\d{6})-\d+$")
 LOCK_SUFFIXES = ("barrier_filelock", "cache_filelock")
 
 
+def machine_id() -> str:
+    """Processes with the same id share /dev/shm: same host name and same kernel boot."""
+    import socket
+
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def align_local_world_with_machine() -> None:
+    """Collective. Make LOCAL_RANK/LOCAL_WORLD_SIZE count the ranks that share this machine's
+    /dev/shm, which is what streaming means by "local": one rank per machine (the local leader)
+    registers each dataset's shared memory, the others attach to it.
+
+    On a real cluster every node is its own machine and nothing changes. Two launchers on one
+    machine (``heft train --nnodes 2`` twice, or emulated Slurm nodes) would otherwise elect two
+    local leaders for the same local directories: both claim the same free prefix ("File exists:
+    /000000_locals") or the second finds the directory registered ("Reused local directory")."""
+    import torch.distributed as dist
+
+    ids: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ids, machine_id())
+    mine = ids[dist.get_rank()]
+    same_machine = [rank for rank, other in enumerate(ids) if other == mine]
+    os.environ["LOCAL_RANK"] = str(same_machine.index(dist.get_rank()))
+    os.environ["LOCAL_WORLD_SIZE"] = str(len(same_machine))
+
+
 def mark_in_use(prefix: int) -> None:
     """Record that this process uses streaming prefix ``prefix`` (call after building a dataset)."""
     (SHM_DIR / f"heft-{prefix:06}-{os.getpid()}").touch()

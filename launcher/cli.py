@@ -5,6 +5,8 @@
     heft prepare --domain NAME=PATH[,PATH] ... --out OUT [--tokenizer byte|bpe]
     heft config CONFIG [key=value ...]    print the resolved, validated config
     heft plot RUN_DIR [--out FILE.png]    loss, per-domain loss/weight/fraction, ESS over steps
+    heft submit CONFIG --nodes N [...]    check the config, render an sbatch script, submit it
+    heft status RUN_DIR                   state, step, loss, speed, ETA, checkpoint, requeues
 
 ``heft --verbose ...`` shows every upstream warning and the launcher's own logs.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from heft.launcher import output
 
@@ -65,12 +68,20 @@ def cmd_train(args) -> int:
     from heft.launcher.config import load_config, validate
     from heft.launcher.environment import prepare_worker_environment
 
-    if prepare_worker_environment():
+    # With --rdzv-endpoint this process launches its node's workers, also inside an srun task (one
+    # task per node, as `heft submit` runs it); otherwise an srun task is itself a worker.
+    if not args.rdzv_endpoint and prepare_worker_environment():
         from heft.launcher.worker import main as worker_main
 
         return worker_main([args.config, *args.overrides])
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    stop_request = _hold_stop_signals()
+    if args.nnodes > 1 and args.node_rank is None and "SLURM_NODEID" in os.environ:
+        args.node_rank = int(os.environ["SLURM_NODEID"])
     cfg = load_config(args.config, args.overrides)
-    validate(cfg, world_size=processes_per_node(args, cfg) * args.nnodes)
+    world_size = processes_per_node(args, cfg) * args.nnodes
+    validate(cfg, world_size=world_size)
     from heft.launcher.train import check_backends
     from heft.model.build import Backends
 
@@ -79,10 +90,33 @@ def cmd_train(args) -> int:
     if finished:
         print(finished)
         return 0
+    if stop_request:
+        print(f"heft: {stop_request[0].name} received before the workers started; nothing new to "
+              f"save, exiting with status 75 so the job can be requeued", file=sys.stderr)
+        return 75
+    from heft.launcher import runstate
     from heft.launcher.launch import run_workers
 
-    return run_workers(torchrun_arguments(args, cfg), processes_per_node(args, cfg) * args.nnodes,
-                       verbose=output.verbose())
+    state = runstate.RunStateFile(cfg, world_size, args.nnodes, enabled=not args.node_rank)
+    state.started()
+    printed: list[str] = []
+    status = run_workers(torchrun_arguments(args, cfg), world_size, verbose=output.verbose(),
+                         printed=printed)
+    state.ended(status, printed)
+    return status
+
+
+def _hold_stop_signals() -> list:
+    """Until the workers start, a stop signal (SIGUSR1/SIGTERM: preemption, the time limit) is
+    remembered rather than fatal; the returned list holds it. run_workers then forwards them."""
+    import signal
+
+    from heft.launcher.preemption import STOP_SIGNALS
+
+    received: list = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum)))
+    return received
 
 
 def cmd_prepare(args) -> int:
@@ -131,6 +165,80 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from heft.launcher import submit
+
+    options = submit.SubmitOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
+        time=args.time, grace_s=args.grace, partition=args.partition, account=args.account,
+        cpus_per_task=args.cpus_per_task, mem=args.mem, exclusive=args.exclusive,
+        dependency=args.dependency, max_requeues=args.max_requeues, job_name=args.job_name,
+        sbatch_args=args.sbatch_arg or [], env=args.env or [])
+    if options.nodes < 1 or options.grace_s < 0 or options.max_requeues < 0:
+        raise UsageError("--nodes must be >= 1, --grace and --max-requeues >= 0")
+    sweep = submit.read_sweep(args.sweep) if args.sweep else None
+    created = [] if not args.dry_run else _missing_dirs(args, sweep)
+    members = submit.plan(args.config, args.overrides, options, sweep, check_run=_check_before_launch)
+    home = members[0].run_dir  # holds the script and the job's logs; a sweep's parent directory
+    if sweep:
+        from heft.launcher.config import load_config
+
+        home = Path(load_config(args.config, args.overrides).train.run_dir).resolve()
+    script_text = submit.render(args.config, members, options, home, sweep=bool(sweep))
+    if args.dry_run:
+        for directory in created:  # the checks made them; a dry run leaves nothing behind
+            _remove_if_empty(directory)
+        print(script_text, end="")
+        return 0
+    script = home / "slurm" / submit.SCRIPT_NAME
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(script_text)
+    job_id = submit.sbatch(script, options)
+    submit.record_job(members, job_id, script, options, sweep=bool(sweep))
+    what = f"array job {job_id} ({len(members)} runs: {home}/sweep-*)" if sweep else f"job {job_id}"
+    print(f"heft: submitted {what}; script {script}; logs in {script.parent}; "
+          f"follow it with `heft status {members[0].run_dir}`")
+    return 0
+
+
+def _missing_dirs(args, sweep) -> list[Path]:
+    """Run directories a dry run's checks would create (removed again afterwards)."""
+    from heft.launcher.config import load_config
+
+    run_dir = Path(load_config(args.config, args.overrides).train.run_dir)
+    return [d for d in [run_dir, *[run_dir / f"sweep-{i}" for i in range(len(sweep or []))]]
+            if not d.exists()]
+
+
+def _remove_if_empty(directory: Path) -> None:
+    for path in sorted([directory, *directory.rglob("*")], key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
+def cmd_status(args) -> int:
+    from heft.launcher.status import collect, format_status
+
+    print(format_status(collect(args.run_dir)))
+    return 0
+
+
+def cmd_job_event(args) -> int:
+    """Called by the batch script heft submit renders (slurm/heft.sbatch.j2), not by people."""
+    from heft.launcher import slurm_job
+
+    if args.event == "start":
+        slurm_job.record_start(args.run_dir)
+        return 0
+    if args.status is None:
+        raise UsageError("job-event end needs --status")
+    requeue, line = slurm_job.record_end(args.run_dir, args.status, args.max_requeues)
+    print(line, file=sys.stderr, flush=True)
+    return 0 if requeue else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heft", description="Megatron-style pretraining with loss-based reweighting")
     parser.add_argument("--verbose", action="store_true",
@@ -170,6 +278,50 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/plots.png)")
     plot.set_defaults(func=cmd_plot)
+
+    sub_ = sub.add_parser("submit", help="check a config, render an sbatch script and submit it to Slurm",
+                          description="Checks the config, data and run directory as `heft train` "
+                          "would, renders slurm/heft.sbatch.j2 into RUN_DIR/slurm/heft.sbatch and "
+                          "submits it: one `heft train` per node, c10d rendezvous on the first node, "
+                          "save on a preemption or --grace seconds before the time limit, requeue, "
+                          "resume.")
+    sub_.add_argument("config")
+    sub_.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for heft train")
+    sub_.add_argument("--nodes", type=int, default=1)
+    sub_.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU nodes (gloo)")
+    sub_.add_argument("--procs-per-node", type=int, default=None,
+                      help="workers per node (default: --gpus-per-node, or world size / nodes)")
+    sub_.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
+    sub_.add_argument("--grace", type=int, default=300,
+                      help="seconds before the time limit at which the run saves and stops (default 300)")
+    sub_.add_argument("--partition")
+    sub_.add_argument("--account")
+    sub_.add_argument("--cpus-per-task", type=int, help="cores per node for heft's task")
+    sub_.add_argument("--mem", help="memory per node, e.g. 200G")
+    sub_.add_argument("--exclusive", action="store_true")
+    sub_.add_argument("--dependency", help="sbatch --dependency, e.g. afterok:1234")
+    sub_.add_argument("--sweep", metavar="FILE",
+                      help="a job array: one line of key=value overrides per array index")
+    sub_.add_argument("--max-requeues", type=int, default=20,
+                      help="stop requeueing after this many (default 20)")
+    sub_.add_argument("--job-name")
+    sub_.add_argument("--sbatch-arg", action="append", metavar="ARG",
+                      help="a further #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
+    sub_.add_argument("--env", action="append", metavar="KEY=VALUE",
+                      help="export in the job, e.g. NCCL_SOCKET_IFNAME=ib0 (repeatable)")
+    sub_.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    sub_.set_defaults(func=cmd_submit)
+
+    status = sub.add_parser("status", help="where a run stands: state, step, loss, speed, ETA, checkpoint")
+    status.add_argument("run_dir")
+    status.set_defaults(func=cmd_status)
+
+    event = sub.add_parser("job-event")  # the batch script's bookkeeping; not listed in the help
+    event.add_argument("event", choices=["start", "end"])
+    event.add_argument("run_dir")
+    event.add_argument("--status", type=int)
+    event.add_argument("--max-requeues", type=int, default=20)
+    event.set_defaults(func=cmd_job_event)
     return parser
 
 

@@ -35,7 +35,9 @@ def torchrun_arguments(nproc_per_node: int, nnodes: int, rdzv_endpoint: str | No
         args += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
                  f"--rdzv-id={rdzv_id}"]
         if node_rank is not None:
-            args.append(f"--node-rank={node_rank}")
+            # Node 0 hosts the c10d store. Left to torch's guess (does the endpoint name this
+            # machine?), two launchers on one machine both claim it, and the loser retries.
+            args += [f"--node-rank={node_rank}", f"--rdzv-conf=is_host={int(node_rank == 0)}"]
     else:
         args.append("--standalone")
     return args + ["-m", WORKER_MODULE, *worker_args]
@@ -104,8 +106,11 @@ def _quiet_agent(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False) -> int:
-    """Run torchrun's agent here; returns the exit status for ``heft train``."""
+def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False,
+                printed: list[str] | None = None) -> int:
+    """Run torchrun's agent here; returns the exit status for ``heft train``. The failure lines it
+    prints are also appended to ``printed`` (for the run's state file)."""
+    printed = [] if printed is None else printed
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -130,12 +135,16 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
         run(parser.parse_args(torchrun_args))
         return reporting.EXIT_OK
     except ChildFailedError as failed:
-        return _explain_failure(failed, report_dir, world_size)
+        status, lines = _explain_failure(failed, report_dir, world_size)
+        printed.extend(lines)
+        return status
     except SignalException as stopped:
         if stopped.sigval == signal.SIGINT:
-            print("heft: interrupted (Ctrl-C); the workers were stopped", file=sys.stderr, flush=True)
+            printed.append("heft: interrupted (Ctrl-C); the workers were stopped")
+            print(printed[-1], file=sys.stderr, flush=True)
             return reporting.EXIT_INTERRUPTED
-        print(f"heft: stopped by {stopped.sigval.name}", file=sys.stderr, flush=True)
+        printed.append(f"heft: stopped by {stopped.sigval.name}")
+        print(printed[-1], file=sys.stderr, flush=True)
         return 128 + int(stopped.sigval)
     finally:
         for sig, handler in previous.items():
@@ -144,13 +153,13 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
         shutil.rmtree(report_dir, ignore_errors=True)
 
 
-def _explain_failure(failed, report_dir: str, world_size: int) -> int:
+def _explain_failure(failed, report_dir: str, world_size: int) -> tuple[int, list[str]]:
     failures = failed.failures  # global rank -> ProcessFailure
     reports = reporting.read_reports(report_dir)
     if not reports and any(f.exitcode == reporting.EXIT_REQUEUE for f in failures.values()):
         # Saved and stopped on a signal; ranks still exiting when the agent noticed the first one
         # were terminated by it, which changes nothing. Rank 0 already said where it saved.
-        return reporting.EXIT_REQUEUE
+        return reporting.EXIT_REQUEUE, []
     status, lines = reporting.summarise(reports, world_size)
     # Ranks that died by a signal without a word (SIGKILL, out of memory, a segfault) are the likely
     # cause of what the others report; SIGTERM is how the agent stops the rest, so it is left out.
@@ -172,4 +181,4 @@ def _explain_failure(failed, report_dir: str, world_size: int) -> int:
     for line in lines:
         print(line, file=sys.stderr)
     sys.stderr.flush()
-    return status
+    return status, lines

@@ -5,30 +5,47 @@ microbatches) every rank joins one small all-reduce, so all ranks agree to stop 
 even if the signal reached only one of them; then every rank saves and the worker exits with
 status 75 ("saved, requeue me"). A second signal during the save changes nothing: the handler stays
 installed, and the checkpoint being written becomes complete only after every rank finished.
+
+The worker calls :func:`listen` first thing, before megatron-core is imported: a signal that arrives
+while the model is still being built (a preemption right after a requeue, or ``heft submit``'s
+time-limit signal) would otherwise end the worker with Python's default action for SIGUSR1, as a
+failure rather than a stop. It is remembered instead and honoured at the first step boundary.
 """
 
 from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_received = 0  # the last stop signal this process received (0: none)
+
+
+def _record(signum, frame) -> None:
+    global _received
+    _received = signum
+
+
+def listen() -> None:
+    """From now on a stop signal is recorded, not fatal. Idempotent."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _record)
 
 
 class StopRequests:
     def __init__(self, device: torch.device):
         self.device = device
-        self.received = 0
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
+        listen()
 
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
+    @property
+    def received(self) -> int:
+        return _received
 
     def agreed(self) -> int:
         """Collective: the signal number any rank received (0: none). Same answer on every rank."""
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([self.received], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())

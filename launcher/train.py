@@ -97,14 +97,15 @@ def replica_batches(cfg: HeftConfig, layout, state: dict | None = None, referenc
 
 
 def clean_stale_data_state(cfg: HeftConfig) -> None:
-    """One rank per node removes what killed runs left of streaming's shared state for this data
-    (``data/shm.py``); every rank waits for it before building a dataset."""
+    """One rank per machine removes what killed runs left of streaming's shared state for this
+    data (``data/shm.py``); every rank waits for it before building a dataset."""
     import os
 
     import torch.distributed as dist
 
-    from heft.data.shm import clean_stale_streaming_state
+    from heft.data.shm import align_local_world_with_machine, clean_stale_streaming_state
 
+    align_local_world_with_machine()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         removed = clean_stale_streaming_state(cfg.data.path)
         if removed:

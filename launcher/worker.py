@@ -10,9 +10,10 @@ import os
 import sys
 import threading
 
-from heft.launcher import output
+from heft.launcher import output, preemption
 
 output.filter_known_warnings()  # before megatron-core and streaming are imported
+preemption.listen()  # a stop signal during start-up is honoured at the first step, not fatal
 
 
 def _exit_within(seconds: float, status: int) -> None:

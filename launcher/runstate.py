@@ -1,0 +1,72 @@
+"""``RUN_DIR/heft-run.json``: what the launching ``heft train`` knows about its run, for ``heft status``.
+
+Written by the launcher of node 0 (the only one on a single node) when the workers start, and again
+when they end, with the exit status and, for a failure, the error line the launcher printed. Workers
+never touch it, so a killed worker cannot leave it half-written; the file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+FILE_NAME = "heft-run.json"
+
+# Exit status -> the run's state as `heft status` reports it (launcher/reporting.py lists statuses).
+ENDED_STATES = {0: "done", 75: "preempted", 130: "interrupted", 2: "failed", 1: "failed"}
+
+
+def path_in(run_dir: str | Path) -> Path:
+    return Path(run_dir) / FILE_NAME
+
+
+def read(run_dir: str | Path) -> dict | None:
+    try:
+        return json.loads(path_in(run_dir).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(run_dir: str | Path, record: dict) -> None:
+    path = path_in(run_dir)
+    tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class RunStateFile:
+    """The launcher's record of one launch; ``enabled=False`` (nodes other than 0) writes nothing."""
+
+    def __init__(self, cfg, world_size: int, nnodes: int, enabled: bool = True):
+        self.run_dir = cfg.train.run_dir
+        self.enabled = enabled
+        self.record = {
+            "state": "running",
+            "status": None,
+            "error": None,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "ended": None,
+            "steps": cfg.train.steps,
+            "stop_at_step": cfg.train.stop_at_step,
+            "checkpoint_dir": str(cfg.checkpoint.directory(cfg.train.run_dir).resolve()),
+            "world_size": world_size,
+            "nnodes": nnodes,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        }
+
+    def started(self) -> None:
+        if self.enabled:
+            _write(self.run_dir, self.record)
+
+    def ended(self, status: int, error_lines: list[str]) -> None:
+        if not self.enabled:
+            return
+        self.record.update(state=ENDED_STATES.get(status, "failed"), status=status,
+                           error=error_lines[0] if error_lines and status not in (0, 75) else None,
+                           ended=time.time())
+        _write(self.run_dir, self.record)

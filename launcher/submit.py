@@ -1,0 +1,212 @@
+"""``heft submit``: check a config, render an sbatch script from ``slurm/heft.sbatch.j2``, submit it.
+
+Everything that can be checked without the cluster is checked here, before the job waits in the
+queue: the config and the layout for ``nodes x processes``, the data, the run directory (and, for
+a sweep, each override set). The script is written to ``RUN_DIR/slurm/heft.sbatch`` (so the run
+directory keeps the exact job that produced it), the job's stdout/stderr go next to it, and
+``RUN_DIR/slurm/job.json`` records the job id for ``heft status``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from heft.launcher.config import ConfigError
+
+TEMPLATE = "heft.sbatch.j2"
+SCRIPT_NAME = "heft.sbatch"
+JOB_RECORD = "job.json"
+
+
+class SubmitError(ConfigError):
+    """The job cannot be submitted as asked; the message names the fix."""
+
+
+@dataclass
+class SubmitOptions:
+    nodes: int = 1
+    """Nodes of the allocation; one ``heft train`` per node, DP (and PP) spanning them."""
+    gpus_per_node: int = 0
+    """GPUs per node (0: CPU nodes, gloo). Also the workers per node unless procs_per_node is set."""
+    procs_per_node: int | None = None
+    """Workers per node (default: gpus_per_node, or on CPU nodes the config's world size / nodes)."""
+    time: str = "01:00:00"
+    """Slurm time limit (its formats: MM, HH:MM:SS, D-HH:MM)."""
+    grace_s: int = 300
+    """Seconds before the time limit at which the run is told to save and stop (--signal)."""
+    partition: str | None = None
+    account: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    exclusive: bool = False
+    dependency: str | None = None
+    """Passed to sbatch --dependency, e.g. afterok:123 (train after a prepare job)."""
+    max_requeues: int = 20
+    job_name: str | None = None
+    sbatch_args: list[str] = field(default_factory=list)
+    """Further ``#SBATCH`` lines, e.g. ``--qos=high``."""
+    env: list[str] = field(default_factory=list)
+    """KEY=VALUE exported in the job (e.g. NCCL_SOCKET_IFNAME=ib0)."""
+
+
+@dataclass
+class Member:
+    """One training run of the job: the whole job, or one array index of a sweep."""
+
+    overrides: list[str]
+    run_dir: Path
+    procs_per_node: int
+
+
+def heft_executable() -> str:
+    """The ``heft`` of this installation, so the job runs the same heft as the submitting shell."""
+    beside = Path(sys.executable).with_name("heft")
+    return str(beside) if beside.exists() else (shutil.which("heft") or "heft")
+
+
+def procs_per_node(options: SubmitOptions, cfg) -> int:
+    if options.procs_per_node:
+        return options.procs_per_node
+    if options.gpus_per_node:
+        return options.gpus_per_node
+    world = cfg.parallel.model_parallel_size() * (cfg.parallel.data or 1)
+    if world % options.nodes:
+        raise SubmitError(
+            f"the config runs {world} processes (TP*PP*CP*DP), which do not split over --nodes "
+            f"{options.nodes}; set parallel.data or --procs-per-node")
+    return world // options.nodes
+
+
+def read_sweep(path: str) -> list[list[str]]:
+    """A sweep file: one override set per line (``key=value key=value``); # starts a comment."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise SubmitError(f"--sweep {path}: {exc.strerror or exc}") from None
+    sets = [shlex.split(line, comments=True) for line in lines]
+    sets = [s for s in sets if s]
+    if not sets:
+        raise SubmitError(f"--sweep {path} has no override sets (one line of key=value per array index)")
+    for number, overrides in enumerate(sets):
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise SubmitError(f"--sweep {path}: set {number} has {bad[0]!r}, not key=value")
+    return sets
+
+
+def check_member(config: str, overrides: list[str], options: SubmitOptions, check_run) -> Member:
+    """Load and validate one override set as `heft train` would; ``check_run`` does the data and
+    run-directory checks (cli._check_before_launch). Returns it with an absolute run directory."""
+    from heft.launcher.config import load_config, validate
+
+    cfg = load_config(config, overrides)
+    validate(cfg, world_size=procs_per_node(options, cfg) * options.nodes)
+    finished = check_run(cfg)
+    if finished:
+        raise SubmitError(finished.removeprefix("heft: "))
+    return Member(overrides=list(overrides), run_dir=Path(cfg.train.run_dir).resolve(),
+                  procs_per_node=procs_per_node(options, cfg))
+
+
+def plan(config: str, overrides: list[str], options: SubmitOptions, sweep: list[list[str]] | None,
+         check_run) -> list[Member]:
+    """The runs of this job, each checked. A sweep member without its own train.run_dir trains in
+    RUN_DIR/sweep-<index>."""
+    if not sweep:
+        return [check_member(config, overrides, options, check_run)]
+    from heft.launcher.config import load_config
+
+    base_run_dir = Path(load_config(config, overrides).train.run_dir)
+    members = []
+    for index, extra in enumerate(sweep):
+        own = [o for o in extra if o.startswith("train.run_dir=")]
+        run_dir = [] if own else [f"train.run_dir={base_run_dir / f'sweep-{index}'}"]
+        try:
+            members.append(check_member(config, [*overrides, *run_dir, *extra], options, check_run))
+        except ConfigError as exc:
+            raise SubmitError(f"sweep set {index} ({' '.join(extra)}): {exc}") from None
+    dirs = [m.run_dir for m in members]
+    if len(set(dirs)) != len(dirs):
+        raise SubmitError("two sweep sets share a train.run_dir; give each its own or none")
+    if len({m.procs_per_node for m in members}) > 1:
+        raise SubmitError("the sweep sets need different processes per node; one array job runs "
+                          "one shape: submit them separately")
+    return members
+
+
+def render(config: str, members: list[Member], options: SubmitOptions, home: Path, sweep: bool) -> str:
+    """The batch script. ``home``: the run directory (a sweep's parent) that holds it and its logs."""
+    import jinja2
+
+    template_text = resources.files("heft.slurm").joinpath(TEMPLATE).read_text()
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             autoescape=False)
+    env.filters["quote"] = lambda value: shlex.quote(str(value))
+    extra_env = []
+    for item in options.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SubmitError(f"--env {item!r} is not KEY=VALUE")
+        extra_env.append((key, value))
+    return env.from_string(template_text).render(
+        rendered_at=time.strftime("%Y-%m-%d %H:%M:%S"),
+        script_path=home / "slurm" / SCRIPT_NAME,
+        job_name=options.job_name or f"heft-{home.name}",
+        nodes=options.nodes, gpus_per_node=options.gpus_per_node,
+        procs_per_node=members[0].procs_per_node,
+        cpus_per_task=options.cpus_per_task, mem=options.mem, time=options.time,
+        partition=options.partition, account=options.account, exclusive=options.exclusive,
+        array=f"0-{len(members) - 1}" if sweep else None,
+        grace_s=options.grace_s, workdir=Path.cwd(), log_dir=home / "slurm",
+        log_name="%x-%A_%a" if sweep else "%x-%j", extra_sbatch=options.sbatch_args,
+        heft=heft_executable(), config=Path(config).resolve(),
+        sweep=[{"run_dir": m.run_dir, "overrides": m.overrides} for m in members] if sweep else None,
+        run_dir=members[0].run_dir, overrides=members[0].overrides,
+        env=extra_env, max_requeues=options.max_requeues,
+    )
+
+
+def sbatch(script: Path, options: SubmitOptions) -> str:
+    """Submit; returns the job id."""
+    command = ["sbatch", "--parsable"]
+    if options.dependency:
+        command.append(f"--dependency={options.dependency}")
+    try:
+        done = subprocess.run([*command, str(script)], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SubmitError("sbatch not found: run heft submit on a Slurm login node (or use "
+                          "--dry-run to see the script)") from None
+    except subprocess.TimeoutExpired:
+        raise SubmitError("sbatch did not answer in 60 s; is slurmctld reachable (try `sinfo`)?") from None
+    if done.returncode != 0:
+        message = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        raise SubmitError(f"sbatch refused the job: {message[-1] if message else done.returncode} "
+                          f"(script: {script})")
+    return done.stdout.strip().split(";")[0]
+
+
+def record_job(members: list[Member], job_id: str, script: Path, options: SubmitOptions,
+               sweep: bool) -> None:
+    for index, member in enumerate(members):
+        record = {"job_id": f"{job_id}_{index}" if sweep else job_id,
+                  "array_job_id": job_id if sweep else None, "script": str(script),
+                  "submitted": time.time(), "nodes": options.nodes, "time": options.time,
+                  "dependency": options.dependency, "overrides": member.overrides}
+        directory = member.run_dir / "slurm"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / JOB_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def read_job_record(run_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / "slurm" / JOB_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
