@@ -95,13 +95,19 @@ def cmd_train(args) -> int:
               f"save, exiting with status 75 so the job can be requeued", file=sys.stderr)
         return 75
     from heft.launcher import runstate
-    from heft.launcher.launch import run_workers
+    from heft.launcher.launch import run_workers, stop_file
 
-    state = runstate.RunStateFile(cfg, world_size, args.nnodes, enabled=not args.node_rank)
+    node0 = not args.node_rank
+    stop_path = stop_file(cfg.train.run_dir)
+    if node0 and "SLURM_JOB_ID" not in os.environ:
+        stop_path.unlink(missing_ok=True)  # left from an earlier run (under Slurm: job-event's job)
+    state = runstate.RunStateFile(cfg, world_size, args.nnodes, enabled=node0)
     state.started()
     printed: list[str] = []
     status = run_workers(torchrun_arguments(args, cfg), world_size, verbose=output.verbose(),
-                         printed=printed)
+                         printed=printed, stop_path=stop_path)
+    if node0 and status == 75:
+        stop_path.unlink(missing_ok=True)  # honoured
     state.ended(status, printed)
     return status
 

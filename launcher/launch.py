@@ -9,7 +9,11 @@ and what signals do:
 * Ctrl-C (SIGINT) is the agent's: it stops the workers, and heft prints one line;
 * SIGTERM and SIGUSR1 are heft's: they are forwarded to the workers, which save a checkpoint at
   the next step boundary and exit with status 75 ("requeue me"); the agent is told not to handle
-  SIGTERM itself, since it would kill the workers 30 s later, possibly in the middle of a save.
+  SIGTERM itself, since it would kill the workers 30 s later, possibly in the middle of a save;
+* a stop file (``RUN_DIR/heft-stop``) asks the same as SIGUSR1. It is how a Slurm batch script
+  asks (slurm/heft.sbatch.j2): a signal sent through ``srun`` reaches every process of the step,
+  including the helper processes the workers need to write a checkpoint, which die of it.
+  One rank hearing of it is enough: the ranks agree on stopping with an all-reduce.
 """
 
 from __future__ import annotations
@@ -20,11 +24,26 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+from pathlib import Path
 
 from heft.launcher import output, reporting
 
 WORKER_MODULE = "heft.launcher.worker"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_FILE = "heft-stop"
+
+
+def stop_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / STOP_FILE
+
+
+def _watch_stop_file(path: Path, finished: threading.Event, poll_s: float = 1.0) -> None:
+    """Until ``finished``: when ``path`` appears, send SIGUSR1 to this node's workers, once."""
+    while not finished.wait(poll_s):
+        if path.exists() and _forward(signal.SIGUSR1, None):  # none yet: they are starting
+            print(f"heft: {path} found: asking the run to save and stop", file=sys.stderr, flush=True)
+            return
 
 
 def torchrun_arguments(nproc_per_node: int, nnodes: int, rdzv_endpoint: str | None, rdzv_id: str,
@@ -87,12 +106,16 @@ def _worker_processes():
     return found
 
 
-def _forward(signum, frame) -> None:
+def _forward(signum, frame) -> int:
+    """Send ``signum`` to this node's workers; returns how many got it."""
+    sent = 0
     for worker in _worker_processes():
         try:
             worker.send_signal(signum)
+            sent += 1
         except Exception:
             pass
+    return sent
 
 
 def _quiet_agent(verbose: bool) -> None:
@@ -107,9 +130,10 @@ def _quiet_agent(verbose: bool) -> None:
 
 
 def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False,
-                printed: list[str] | None = None) -> int:
+                printed: list[str] | None = None, stop_path: Path | None = None) -> int:
     """Run torchrun's agent here; returns the exit status for ``heft train``. The failure lines it
-    prints are also appended to ``printed`` (for the run's state file)."""
+    prints are also appended to ``printed`` (for the run's state file). ``stop_path``: a stop file
+    to watch (see the module doc)."""
     printed = [] if printed is None else printed
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -131,6 +155,9 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
         torchrun_args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *torchrun_args]
     previous = {sig: signal.signal(sig, _forward) for sig in FORWARDED_SIGNALS}
     _adopt_orphans()
+    finished = threading.Event()
+    if stop_path is not None:
+        threading.Thread(target=_watch_stop_file, args=(stop_path, finished), daemon=True).start()
     try:
         run(parser.parse_args(torchrun_args))
         return reporting.EXIT_OK
@@ -147,6 +174,7 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
         print(printed[-1], file=sys.stderr, flush=True)
         return 128 + int(stopped.sigval)
     finally:
+        finished.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _end_leftover_processes()
