@@ -31,9 +31,11 @@ STATE=${HEFT_SLURM_DIR:-/tmp/heft-slurm}
 CONF=$STATE/slurm.conf
 NODES=(heft-n1 heft-n2)
 # Ports away from Slurm's defaults (6817/6818) so a site Slurm on the same host cannot clash.
-CTLD_PORT=16817
-SLURMD_PORT=16818             # global default; unused since every node has its own Port=
-NODE_PORTS=(16819 16820)
+# HEFT_SLURM_PORT moves all four (controller, default slurmd, heft-n1, heft-n2 = P..P+3), e.g. to
+# run a second, independent cluster with its own HEFT_SLURM_DIR beside the first.
+CTLD_PORT=${HEFT_SLURM_PORT:-16817}
+SLURMD_PORT=$((CTLD_PORT + 1))      # global default; unused since every node has its own Port=
+NODE_PORTS=($((CTLD_PORT + 2)) $((CTLD_PORT + 3)))
 MARK='# written by heft slurm/cluster.sh'
 HOSTS_LINE="127.0.0.1 ${NODES[*]}  $MARK"
 ETC_CONF=/etc/slurm/slurm.conf
@@ -151,12 +153,25 @@ EOF
 }
 
 # /etc/slurm/slurm.conf: Debian's client tools read it when SLURM_CONF is unset, so writing it lets
-# a plain shell (and tests that do not pass SLURM_CONF on) use sbatch/squeue. Only when absent or
-# carrying our marker; a site config is never touched (then SLURM_CONF must be exported).
+# a plain shell (and tests that strip SLURM_* from their children's environment) use sbatch/squeue.
+# Written only when absent or ours; a site config is never touched (then SLURM_CONF must be
+# exported), nor is ours while it belongs to another running heft cluster (other HEFT_SLURM_DIR).
+etc_conf_state() {  # the state dir the heft-written /etc config belongs to; fails if not ours
+    [[ -f $ETC_CONF ]] && head -1 "$ETC_CONF" | grep -qxF "$MARK" || return 1
+    sed -n 's|^StateSaveLocation=\(.*\)/state$|\1|p' "$ETC_CONF"
+}
+
 install_etc_conf() {
-    if [[ -e $ETC_CONF ]] && ! head -1 "$ETC_CONF" | grep -qxF "$MARK"; then
-        warn "$ETC_CONF exists and is not ours; left alone. In other shells: export SLURM_CONF=$CONF"
-        return 0
+    local other
+    if [[ -e $ETC_CONF ]]; then
+        if ! other=$(etc_conf_state); then
+            warn "$ETC_CONF exists and is not ours; left alone. In other shells: export SLURM_CONF=$CONF"
+            return 0
+        fi
+        if [[ $other != "$STATE" && -f $other/pids ]]; then
+            warn "$ETC_CONF belongs to the heft cluster in $other; left alone. In other shells: export SLURM_CONF=$CONF"
+            return 0
+        fi
     fi
     mkdir -p "$(dirname "$ETC_CONF")"
     cp "$CONF" "$ETC_CONF.heft-tmp" && mv -f "$ETC_CONF.heft-tmp" "$ETC_CONF"
@@ -165,7 +180,8 @@ install_etc_conf() {
 
 remove_etc_conf() {
     [[ -f $STATE/etc-conf ]] || return 0
-    if [[ -f $ETC_CONF ]] && head -1 "$ETC_CONF" | grep -qxF "$MARK"; then
+    local owner
+    if owner=$(etc_conf_state) && [[ $owner == "$STATE" ]]; then
         rm -f "$ETC_CONF"
     fi
     rm -f "$STATE/etc-conf"
@@ -196,9 +212,18 @@ remove_hosts() {
 # ---------------------------------------------------------------------------------------------------
 # processes
 
-# Alive and still the program we started (guards against pid reuse).
+# Running: exists and is not a zombie. Exited daemons were reparented to init, which can take a
+# moment to reap them; kill -0 would still succeed on the zombie.
+running() {  # $1 pid
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }   # the fields after "(comm) "; comm itself may contain spaces
+    [[ ${stat%% *} != Z ]]
+}
+
+# Running and still the program we started (guards against pid reuse).
 alive() {  # $1 pid, $2 expected comm
-    [[ -r /proc/$1/comm ]] && [[ $(cat "/proc/$1/comm" 2>/dev/null) == "$2" ]]
+    running "$1" && [[ $(cat "/proc/$1/comm" 2>/dev/null) == "$2" ]]
 }
 
 comm_of() { case $1 in slurmd-*) echo slurmd ;; *) echo "$1" ;; esac; }
@@ -209,12 +234,13 @@ record() { echo "$1 $2" >>"$STATE/pids"; }
 # pids file was lost (e.g. the state dir was deleted while they ran).
 ours_by_cmdline() {
     local p cmd
-    for p in /proc/[0-9]*; do
-        cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
+    for p in $(pgrep -x slurmctld; pgrep -x slurmd); do
+        cmd=$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null) || continue
         case $cmd in
-            "slurmctld "*"-f $CONF "* | "slurmd "*"-f $CONF "*) echo "${p#/proc/}" ;;
+            "slurmctld "*"-f $CONF "* | "slurmd "*"-f $CONF "*) echo "$p" ;;
         esac
     done
+    return 0
 }
 
 munge_ok() {
@@ -239,11 +265,13 @@ start_munge() {
     [[ $user == root ]] && args+=(--force)   # no munge user: munged warns about root, --force runs it
     # setsid: own session, so a signal to the test runner's process group does not reach the
     # daemon. setpriv execs in place (runuser would fork), so $! is munged's own pid.
+    # (cd /; exec ...): the daemon neither pins the caller's working directory (a test's tmp dir)
+    # nor passes it on to jobs; exec keeps $! the daemon's pid.
     if [[ $user == munge ]]; then
-        setsid setpriv --reuid=munge --regid=munge --init-groups munged "${args[@]}" \
+        (cd / && exec setsid setpriv --reuid=munge --regid=munge --init-groups munged "${args[@]}") \
             </dev/null >>"$STATE/log/munged.out" 2>&1 9>&- &
     else
-        setsid munged "${args[@]}" </dev/null >>"$STATE/log/munged.out" 2>&1 9>&- &
+        (cd / && exec setsid munged "${args[@]}") </dev/null >>"$STATE/log/munged.out" 2>&1 9>&- &
     fi
     record munged $!
     local t
@@ -256,12 +284,14 @@ start_munge() {
 }
 
 start_slurm() {
-    # -D: stay in the foreground so $! is the daemon itself; setsid detaches it from our caller.
-    setsid slurmctld -D -f "$CONF" </dev/null >>"$STATE/log/slurmctld.out" 2>&1 9>&- &
+    # -D: stay in the foreground so $! is the daemon itself; setsid detaches it from our caller's
+    # session and process group (a Ctrl-C or a killpg of the test runner does not reach it); cd:
+    # as for munged.
+    (cd "$STATE" && exec setsid slurmctld -D -f "$CONF") </dev/null >>"$STATE/log/slurmctld.out" 2>&1 9>&- &
     record slurmctld $!
     local n
     for n in "${NODES[@]}"; do
-        setsid slurmd -D -N "$n" -f "$CONF" </dev/null >>"$STATE/log/slurmd-$n.out" 2>&1 9>&- &
+        (cd "$STATE" && exec setsid slurmd -D -N "$n" -f "$CONF") </dev/null >>"$STATE/log/slurmd-$n.out" 2>&1 9>&- &
         record "slurmd-$n" $!
     done
 }
@@ -280,8 +310,37 @@ stop_daemons() {
         [[ " ${slurm[*]} " == *" $pid "* ]] || slurm+=("$pid")
     done
     terminate "${slurm[@]}"
+    # slurmstepd (one per job step) outlives its slurmd by design; with the daemons gone nothing
+    # would ever end the job processes under it, so they go too. proctrack/linuxproc only knows a
+    # job's processes as the slurmstepd's descendants, and so do we.
+    local stepds procs=() p
+    stepds=$(our_stepds)
+    if [[ -n $stepds ]]; then
+        for p in $stepds; do procs+=($(descendants "$p")); done
+        warn "ending leftover slurmstepd $(echo $stepds) and their ${#procs[@]} job process(es)"
+        terminate "${procs[@]}"
+        # slurmstepd blocks SIGTERM; with its job gone it only waits for the dead slurmd.
+        # shellcheck disable=SC2086
+        kill -KILL $stepds 2>/dev/null || true
+    fi
     terminate "${munged[@]}"
     rm -f "$STATE/pids"
+}
+
+# slurmstepd processes of this cluster: they keep their node's log file in $STATE/log open (their
+# environment is empty and their command line names only the job).
+our_stepds() {
+    local p
+    for p in $(pgrep -x slurmstepd); do
+        ls -l "/proc/$p/fd" 2>/dev/null | grep -qF -- "-> $STATE/log/" && echo "$p"
+    done
+    return 0
+}
+
+descendants() {  # all descendants of pid $1
+    local kids k
+    kids=$(ps -o pid= --ppid "$1" 2>/dev/null || true)
+    for k in $kids; do echo "$k"; descendants "$k"; done
 }
 
 # SIGTERM, wait up to 10 s, then SIGKILL what is left.
@@ -291,7 +350,7 @@ terminate() {
     local t p left
     for t in $(seq 100); do
         left=()
-        for p in "$@"; do kill -0 "$p" 2>/dev/null && left+=("$p"); done
+        for p in "$@"; do running "$p" && left+=("$p"); done
         ((${#left[@]})) || return 0
         sleep 0.1
     done
@@ -369,7 +428,8 @@ cmd_up() {
         say "already up (${#NODES[@]} nodes: ${NODES[*]}, config $CONF)"
         return 0
     fi
-    # Anything half-up (a daemon died, config changed): stop what is ours and start clean.
+    # Anything half-up (a daemon died, config changed): end its jobs, stop what is ours, start clean.
+    cancel_jobs
     stop_daemons
     mv -f "$STATE/slurm.conf.new" "$CONF"
     # A fresh cluster each time: no jobs or node states (DRAIN etc.) carried over from a previous
@@ -396,26 +456,31 @@ cmd_up() {
     say "up (${#NODES[@]} nodes: ${NODES[*]}, config $CONF) in $(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}') s"
 }
 
+# Cancel every job of this cluster and wait until they have left the nodes (SIGTERM, KillWait,
+# SIGKILL), so no job process outlives its slurmstepd when the daemons stop. Bounded: a job on a
+# node whose slurmd died stays COMPLETING for good; stop_daemons then ends what is left of it.
+cancel_jobs() {
+    [[ -f $CONF ]] && ctld_up || return 0
+    local jobs t
+    jobs=$(squeue -h -o '%A' 2>/dev/null | tr '\n' ' ')
+    [[ -n ${jobs// /} ]] || return 0
+    # --full: signal every process of the job (batch shell and steps), not only the steps.
+    # shellcheck disable=SC2086
+    scancel --full $jobs 2>/dev/null || true
+    for t in $(seq 30); do   # KillWait (10 s) + 5 s
+        [[ -z $(squeue -h -o '%A' 2>/dev/null) ]] && return 0
+        # Only COMPLETING jobs left and no job step process: nothing more will happen.
+        [[ -z $(squeue -h -o '%t' 2>/dev/null | grep -vx CG) && -z $(our_stepds) ]] && return 0
+        sleep 0.5
+    done
+    return 0
+}
+
 cmd_down() {
     [[ $EUID -eq 0 ]] || cannot "cluster.sh down must run as root"
     [[ -d $STATE ]] || { say "down (nothing at $STATE)"; return 0; }
     lock
-    if [[ -f $CONF ]] && ctld_up; then
-        local jobs
-        jobs=$(squeue -h -o '%A' 2>/dev/null | tr '\n' ' ')
-        if [[ -n ${jobs// /} ]]; then
-            # --full: signal every process of the job (batch shell and steps), not only the steps.
-            # shellcheck disable=SC2086
-            scancel --full $jobs 2>/dev/null || true
-            # Wait for the jobs to leave the nodes (SIGTERM, KillWait, SIGKILL), so no job process
-            # outlives its slurmstepd. Bounded: KillWait + margin.
-            local t
-            for t in $(seq 60); do
-                [[ -z $(squeue -h -o '%A' 2>/dev/null) ]] && break
-                sleep 0.5
-            done
-        fi
-    fi
+    cancel_jobs
     stop_daemons
     remove_hosts
     remove_etc_conf

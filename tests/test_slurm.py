@@ -1,0 +1,224 @@
+"""heft submit / heft status on a real Slurm cluster: two emulated nodes on this machine, brought up
+by slurm/cluster.sh (which installs Debian's Slurm when it is missing). Where the machine cannot run
+Slurm (not root, no apt) the cluster tests skip with the script's reason; everything that needs no
+cluster (rendering, submit-time checks, the requeue rules) runs everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, heft_env, read_metrics, run_heft
+
+CLUSTER = REPO / "slurm" / "cluster.sh"
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The single-host cluster, up for this module; taken down again only if this module started it."""
+    was_up = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode == 0
+    up = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=600)
+    if up.returncode == 3:  # the script's "cannot run Slurm here", with the reason
+        pytest.skip(up.stderr.strip() or "slurm/cluster.sh cannot run Slurm on this machine")
+    assert up.returncode == 0, f"slurm/cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
+    yield
+    if not was_up:
+        subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def slurm_config(tmp_path_factory, small_corpus) -> Path:
+    """TP2 x DP2 over two nodes (TP inside a node, DP across them): 4 processes, 40 short steps."""
+    path = tmp_path_factory.mktemp("slurm") / "slurm.yaml"
+    path.write_text(f"""
+model: {{preset: tiny, seq_length: 64}}
+data: {{path: {small_corpus}, proportions: {{code: 0.5, docs: 0.25, legal: 0.25}}}}
+parallel: {{tensor: 2, data: 2}}
+train: {{steps: 40, global_batch_size: 8, micro_batch_size: 2, log_interval: 5, tensorboard: false}}
+optim: {{lr: 3.0e-3, warmup_steps: 0}}
+checkpoint: {{interval: 20}}
+""")
+    return path
+
+
+def submit(args: list[str]) -> str:
+    out = run_heft(["submit", *args], timeout=120).stdout
+    assert "submitted" in out, out
+    return out.split("job ", 1)[1].split()[0].rstrip(";")
+
+
+def job_state(job_id: str) -> str | None:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    fields = dict(part.split("=", 1) for part in out.split() if "=" in part)
+    return fields.get("JobState")
+
+
+def wait_until_ended(run_dir: Path, job_id: str, limit: float = 420) -> list[dict]:
+    """Wait for the job's last `end` event that did not requeue; returns the events."""
+    deadline = time.monotonic() + limit
+    events_file = run_dir / "slurm" / "events.jsonl"
+    while time.monotonic() < deadline:
+        if events_file.is_file():
+            events = [json.loads(line) for line in events_file.read_text().splitlines()]
+            if events and events[-1]["event"] == "end" and events[-1]["action"] == "stop":
+                return events
+        if job_state(job_id) in FINAL_STATES and not events_file.is_file():
+            break
+        time.sleep(1)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((run_dir / "slurm").glob("*.err")))
+    raise AssertionError(f"job {job_id} did not end within {limit} s (state {job_state(job_id)}):\n{logs}")
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir)]
+
+
+# --- on the cluster -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, slurm_config, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("slurm-runs") / "straight"
+    job = submit([str(slurm_config), f"train.run_dir={run_dir}", "--nodes", "2", "--time", "10"])
+    events = wait_until_ended(run_dir, job)
+    assert events[-1]["status"] == 0, events
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_nodes_train_to_completion(uninterrupted):
+    run_dir = uninterrupted
+    curve = losses(run_dir)
+    assert [s for s, _ in curve] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert curve[-1][1] < curve[0][1] - 0.5  # it learns
+    script = (run_dir / "slurm" / "heft.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "--rdzv-endpoint" in script
+    out = next((run_dir / "slurm").glob("*.out")).read_text()
+    assert "TP2 PP1 CP1 DP2 = 4 processes" in out
+    status = run_heft(["status", str(run_dir)]).stdout
+    assert "state  done" in status and "requeues  0" in status and "step_40" in status, status
+
+
+@pytest.mark.slow
+def test_preemption_saves_requeues_resumes_and_matches(uninterrupted, slurm_config, tmp_path):
+    run_dir = tmp_path / "preempted"
+    job = submit([str(slurm_config), f"train.run_dir={run_dir}", "--nodes", "2", "--time", "10"])
+    deadline = time.monotonic() + 240
+    while not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
+        assert time.monotonic() < deadline, "the job never logged a step"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    events = wait_until_ended(run_dir, job)
+
+    ends = [e for e in events if e["event"] == "end"]
+    assert [e["action"] for e in ends] == ["requeue", "stop"], ends
+    assert ends[0]["status"] == 75 and 5 <= ends[0]["checkpoint_step"] < 40
+    assert ends[-1]["status"] == 0 and [e["restart"] for e in events if e["event"] == "start"] == [0, 1]
+    # The resumed run continues the uninterrupted one exactly (same data order, same state).
+    assert losses(run_dir) == pytest.approx(losses(uninterrupted), rel=1e-6)
+    status = run_heft(["status", str(run_dir)]).stdout
+    assert "state  done" in status and "requeues  1" in status, status
+
+
+@pytest.mark.slow
+def test_time_limit_checkpoints_before_the_kill_and_the_requeued_job_finishes(slurm_cluster, slurm_config, tmp_path):
+    run_dir = tmp_path / "timed"
+    # 2 minutes, told to stop 90 s before the limit: Slurm signals 30 s in (up to its ~30 s
+    # check interval later), in the middle of ~40 s of training; the requeued job finishes.
+    job = submit([str(slurm_config), f"train.run_dir={run_dir}", "train.steps=100", "--nodes", "2",
+                  "--time", "2", "--grace", "90"])
+    events = wait_until_ended(run_dir, job, limit=600)
+    ends = [e for e in events if e["event"] == "end"]
+    assert ends[0]["action"] == "requeue" and ends[0]["status"] == 75, ends
+    assert ends[-1]["status"] == 0 and read_metrics(run_dir)[-1]["step"] == 100
+    err = "\n".join(p.read_text() for p in (run_dir / "slurm").glob("*.err"))
+    assert "stop signal for job" in err and "TIMEOUT" not in (job_state(job) or "")
+
+
+@pytest.mark.slow
+def test_a_real_failure_is_not_requeued(slurm_cluster, slurm_config, tmp_path):
+    run_dir = tmp_path / "nan"
+    job = submit([str(slurm_config), f"train.run_dir={run_dir}", "optim.lr=1e30", "train.steps=8",
+                  "--nodes", "2", "--time", "10"])
+    events = wait_until_ended(run_dir, job)
+    assert [e["event"] for e in events] == ["start", "end"] and events[-1]["status"] == 1, events
+    status = run_heft(["status", str(run_dir)]).stdout
+    assert "state  failed" in status and "non-finite" in status, status
+    assert job_state(job) == "FAILED"
+
+
+@pytest.mark.slow
+def test_sweep_array_after_a_dependency(slurm_cluster, slurm_config, tmp_path):
+    first = subprocess.run(["sbatch", "--parsable", "--wrap", "sleep 3"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# one run per line\ntrain.steps=2 optim.lr=1e-3\ntrain.steps=3 optim.lr=3e-3\n")
+    base = tmp_path / "sweep"
+    out = run_heft(["submit", str(slurm_config), f"train.run_dir={base}", "parallel.tensor=1",
+                    "parallel.data=1", "--nodes", "1", "--sweep", str(sweep),
+                    "--dependency", f"afterok:{first}", "--time", "10"]).stdout
+    array = out.split("array job ", 1)[1].split()[0]
+    for index, steps in ((0, 2), (1, 3)):
+        events = wait_until_ended(base / f"sweep-{index}", f"{array}_{index}")
+        assert events[0]["array"] == f"{array}_{index}"
+        assert read_metrics(base / f"sweep-{index}")[-1]["step"] == steps
+        first_end = subprocess.run(["scontrol", "show", "job", "-o", first], capture_output=True,
+                                   text=True).stdout
+        assert "JobState=COMPLETED" in first_end
+    assert (base / "slurm" / "heft.sbatch").is_file()
+
+
+# --- no cluster needed ------------------------------------------------------------------------------
+
+def test_dry_run_renders_a_script_bash_accepts(tmp_path, tiny_train_config):
+    run_dir = tmp_path / "dry"
+    out = run_heft(["submit", str(tiny_train_config), "parallel.data=4", f"train.run_dir={run_dir}",
+                    "--nodes", "2", "--gpus-per-node", "2", "--partition", "gpu", "--account", "lm",
+                    "--time", "04:00:00", "--grace", "120", "--env", "NCCL_SOCKET_IFNAME=ib0",
+                    "--dry-run"]).stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=2", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=lm", "#SBATCH --time=04:00:00", "#SBATCH --signal=B:USR1@120",
+                 "#SBATCH --requeue", "--nproc-per-node 2", "export NCCL_SOCKET_IFNAME=ib0",
+                 "TORCH_NCCL_ASYNC_ERROR_HANDLING", f"--output={run_dir}/slurm/"):
+        assert line in out, line
+    assert not run_dir.exists()  # a dry run leaves nothing behind
+    script = tmp_path / "s.sbatch"
+    script.write_text(out)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_a_config_that_cannot_work_fails_at_submit_time(tmp_path, tiny_train_config):
+    bad = run_heft(["submit", str(tiny_train_config), "parallel.tensor=3", f"train.run_dir={tmp_path / 'r'}",
+                    "--nodes", "2"], check=False)
+    assert bad.returncode == 2 and "heft: error:" in bad.stderr and "tensor" in bad.stderr
+    assert not (tmp_path / "r" / "slurm").exists()
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("optim.lr=1e-3\nmodel.preset=nonexistent\n")
+    bad = run_heft(["submit", str(tiny_train_config), f"train.run_dir={tmp_path / 's'}", "--sweep",
+                    str(sweep)], check=False)
+    assert bad.returncode == 2 and "sweep set 1" in bad.stderr
+
+
+def test_requeue_rules():
+    from heft.launcher.slurm_job import decide_requeue
+
+    assert decide_requeue(75, 0, 20, 10, [])[0]
+    assert not decide_requeue(0, 0, 20, 40, [])[0]
+    assert not decide_requeue(1, 0, 20, 10, [])[0]  # NaN, a crash: a requeue cannot fix it
+    assert not decide_requeue(2, 0, 20, None, [])[0]
+    assert not decide_requeue(75, 20, 20, 10, [])[0]  # --max-requeues
+    assert decide_requeue(75, 2, 20, 12, [10, 11])[0]
+    refused, why = decide_requeue(75, 2, 20, 10, [10, 10])  # three stops at one step: a loop
+    assert not refused and "without training further" in why
+
+
+def test_slurm_files_are_installed_with_heft():
+    from importlib import resources
+
+    files = resources.files("heft.slurm")
+    assert files.joinpath("heft.sbatch.j2").is_file() and files.joinpath("cluster.sh").is_file()
