@@ -54,13 +54,14 @@ now() { echo "${EPOCHREALTIME/,/.}"; }
 
 ensure_installed() {
     local missing=() c
-    for c in sbatch srun squeue sinfo scontrol scancel slurmctld slurmd munged munge unmunge; do
+    # pgrep/ps (procps) find leftover daemons and job processes; minimal images may lack them.
+    for c in sbatch srun squeue sinfo scontrol scancel slurmctld slurmd munged munge unmunge pgrep ps; do
         command -v "$c" >/dev/null 2>&1 || missing+=("$c")
     done
     ((${#missing[@]} == 0)) && return 0
     [[ $EUID -eq 0 ]] || cannot "Slurm is not installed (missing ${missing[*]}) and installing it needs root"
     command -v apt-get >/dev/null 2>&1 || cannot "Slurm is not installed (missing ${missing[*]}) and there is no apt-get"
-    local pkgs=(slurmctld slurmd slurm-client munge) log=$STATE/log/apt.log
+    local pkgs=(slurmctld slurmd slurm-client munge procps) log=$STATE/log/apt.log
     # The package scripts try to start the daemons via invoke-rc.d; in containers policy-rc.d
     # usually denies that, and where it does not we stop nothing: we use our own config and ports.
     if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${pkgs[@]}" >"$log" 2>&1; then
@@ -274,8 +275,7 @@ start_munge() {
         (cd / && exec setsid munged "${args[@]}") </dev/null >>"$STATE/log/munged.out" 2>&1 9>&- &
     fi
     record munged $!
-    local t
-    for t in $(seq 50); do
+    for _ in $(seq 50); do
         munge_ok && return 0
         alive "$!" munged || break
         sleep 0.2
@@ -302,7 +302,7 @@ stop_daemons() {
     local name pid slurm=() munged=()
     if [[ -f $STATE/pids ]]; then
         while read -r name pid; do
-            [[ -n $pid ]] && alive "$pid" "$(comm_of "$name")" || continue
+            if [[ -z $pid ]] || ! alive "$pid" "$(comm_of "$name")"; then continue; fi
             if [[ $name == munged ]]; then munged+=("$pid"); else slurm+=("$pid"); fi
         done <"$STATE/pids"
     fi
@@ -313,15 +313,14 @@ stop_daemons() {
     # slurmstepd (one per job step) outlives its slurmd by design; with the daemons gone nothing
     # would ever end the job processes under it, so they go too. proctrack/linuxproc only knows a
     # job's processes as the slurmstepd's descendants, and so do we.
-    local stepds procs=() p
-    stepds=$(our_stepds)
-    if [[ -n $stepds ]]; then
-        for p in $stepds; do procs+=($(descendants "$p")); done
-        warn "ending leftover slurmstepd $(echo $stepds) and their ${#procs[@]} job process(es)"
+    local stepds=() procs=() kids=() p
+    mapfile -t stepds < <(our_stepds)
+    if ((${#stepds[@]})); then
+        for p in "${stepds[@]}"; do mapfile -t kids < <(descendants "$p"); procs+=("${kids[@]}"); done
+        warn "ending leftover slurmstepd ${stepds[*]} and their ${#procs[@]} job process(es)"
         terminate "${procs[@]}"
         # slurmstepd blocks SIGTERM; with its job gone it only waits for the dead slurmd.
-        # shellcheck disable=SC2086
-        kill -KILL $stepds 2>/dev/null || true
+        kill -KILL "${stepds[@]}" 2>/dev/null || true
     fi
     terminate "${munged[@]}"
     rm -f "$STATE/pids"
@@ -330,9 +329,11 @@ stop_daemons() {
 # slurmstepd processes of this cluster: they keep their node's log file in $STATE/log open (their
 # environment is empty and their command line names only the job).
 our_stepds() {
-    local p
+    local p fd
     for p in $(pgrep -x slurmstepd); do
-        ls -l "/proc/$p/fd" 2>/dev/null | grep -qF -- "-> $STATE/log/" && echo "$p"
+        for fd in /proc/"$p"/fd/*; do
+            if [[ $(readlink "$fd" 2>/dev/null) == "$STATE"/log/* ]]; then echo "$p"; break; fi
+        done
     done
     return 0
 }
@@ -347,8 +348,8 @@ descendants() {  # all descendants of pid $1
 terminate() {
     (($#)) || return 0
     kill -TERM "$@" 2>/dev/null || true
-    local t p left
-    for t in $(seq 100); do
+    local p left
+    for _ in $(seq 100); do
         left=()
         for p in "$@"; do running "$p" && left+=("$p"); done
         ((${#left[@]})) || return 0
@@ -461,16 +462,16 @@ cmd_up() {
 # node whose slurmd died stays COMPLETING for good; stop_daemons then ends what is left of it.
 cancel_jobs() {
     [[ -f $CONF ]] && ctld_up || return 0
-    local jobs t
+    local jobs
     jobs=$(squeue -h -o '%A' 2>/dev/null | tr '\n' ' ')
     [[ -n ${jobs// /} ]] || return 0
     # --full: signal every process of the job (batch shell and steps), not only the steps.
     # shellcheck disable=SC2086
     scancel --full $jobs 2>/dev/null || true
-    for t in $(seq 30); do   # KillWait (10 s) + 5 s
+    for _ in $(seq 30); do   # KillWait (10 s) + 5 s
         [[ -z $(squeue -h -o '%A' 2>/dev/null) ]] && return 0
         # Only COMPLETING jobs left and no job step process: nothing more will happen.
-        [[ -z $(squeue -h -o '%t' 2>/dev/null | grep -vx CG) && -z $(our_stepds) ]] && return 0
+        if ! squeue -h -o '%t' 2>/dev/null | grep -qvx CG && [[ -z $(our_stepds) ]]; then return 0; fi
         sleep 0.5
     done
     return 0

@@ -128,10 +128,10 @@ def test_preemption_saves_requeues_resumes_and_matches(uninterrupted, slurm_conf
 @pytest.mark.slow
 def test_time_limit_checkpoints_before_the_kill_and_the_requeued_job_finishes(slurm_cluster, slurm_config, tmp_path):
     run_dir = tmp_path / "timed"
-    # 2 minutes, told to stop 90 s before the limit: Slurm signals 30 s in (up to its ~30 s
-    # check interval later), in the middle of ~40 s of training; the requeued job finishes.
+    # 2 minutes, told to stop 80 s before the limit: Slurm signals about 40 s in (it checks time
+    # limits every ~30 s), in the middle of ~40 s of training; the requeued job finishes.
     job = submit([str(slurm_config), f"train.run_dir={run_dir}", "train.steps=100", "--nodes", "2",
-                  "--time", "2", "--grace", "90"])
+                  "--time", "2", "--grace", "80"])
     events = wait_until_ended(run_dir, job, limit=600)
     ends = [e for e in events if e["event"] == "end"]
     assert ends[0]["action"] == "requeue" and ends[0]["status"] == 75, ends
