@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heft", description="Megatron-style pretraining with loss-based reweighting")
     parser.add_argument("--verbose", action="store_true",
                         help="show every upstream warning and the launcher's logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,prepare,config,plot,submit,status}")
 
     train = sub.add_parser("train", help="train a model (launches torchrun unless already a worker)")
     train.add_argument("config")

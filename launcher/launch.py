@@ -144,8 +144,7 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
     # SIGTERM stays heft's (forwarded, see the module doc); SIGINT etc. stay the agent's.
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and warn about it
-        nproc = int(next(a for a in torchrun_args if a.startswith("--nproc-per-node=")).split("=")[1])
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _nproc(torchrun_args)))
     _quiet_agent(verbose)
     child_filters = output.child_process_warning_filters()
     if child_filters:
@@ -173,12 +172,37 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
         printed.append(f"heft: stopped by {stopped.sigval.name}")
         print(printed[-1], file=sys.stderr, flush=True)
         return 128 + int(stopped.sigval)
+    except Exception as exc:  # the agent's own failure: rendezvous, the store, ...
+        status, lines = _after_agent_error(exc, report_dir, _nproc(torchrun_args))
+        printed.extend(lines)
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
+        return status
     finally:
         finished.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _end_leftover_processes()
         shutil.rmtree(report_dir, ignore_errors=True)
+
+
+def _nproc(torchrun_args: list[str]) -> int:
+    return int(next(a for a in torchrun_args if a.startswith("--nproc-per-node=")).split("=")[1])
+
+
+def _after_agent_error(exc: Exception, report_dir: str, nproc: int) -> tuple[int, list[str]]:
+    """The agent failed rather than a worker. With several nodes the usual cause is benign: every
+    worker here already exited (saved and stopped: 75), and the node hosting the rendezvous store
+    finished first and took the store with it. Then this node's status is its workers'. Otherwise
+    the rendezvous itself failed: one line, not the agent's traceback."""
+    exits = reporting.read_exits(report_dir)
+    if len(exits) == nproc and set(exits.values()) <= {reporting.EXIT_OK, reporting.EXIT_REQUEUE}:
+        return max(exits.values()), []
+    text = str(exc).strip().splitlines()
+    return reporting.EXIT_FAILED, [
+        f"heft: failed: torchrun's agent on this node failed ({type(exc).__name__}: "
+        f"{text[0][:300] if text else ''}); if another node's heft train ended first, its error "
+        f"is the cause; else check --rdzv-endpoint (reachable from every node, the same everywhere)"]
 
 
 def _explain_failure(failed, report_dir: str, world_size: int) -> tuple[int, list[str]]:

@@ -71,6 +71,10 @@ def filter_known_warnings() -> None:
     """Hide the warnings listed above (not all warnings), unless verbose. Call before imports."""
     if verbose():
         return
+    # torch's C++ warnings (c10d's "TCPStore ... Connection was likely closed" with a stack of
+    # frames) follow a failure or a finished peer, which heft reports itself in one line; C++
+    # errors still print. Read when torch loads, so set before any torch import (workers inherit it).
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     for _source, message, _why in KNOWN_HARMLESS_WARNINGS:
         # By message alone: some are attributed to the caller's frame (stacklevel), not their module.
         warnings.filterwarnings("ignore", message=message)

@@ -55,6 +55,29 @@ def report(status: int, message: str, detail: str | None = None) -> None:
     print(f"{prefix}heft: {'error' if status == EXIT_USAGE else 'failed'}: {message}", file=sys.stderr, flush=True)
 
 
+def record_exit(status: int) -> None:
+    """Every worker leaves its exit status here (``exit-rank<N>``), failures and successes alike:
+    the launcher needs it when the agent itself fails after the workers ended (see
+    launch._after_agent_error)."""
+    directory = os.environ.get(REPORT_DIR_VAR)
+    if directory:
+        try:
+            (Path(directory) / f"exit-rank{_rank()}").write_text(str(status))
+        except OSError:
+            pass
+
+
+def read_exits(directory: str | Path) -> dict[int, int]:
+    """Global rank -> exit status of this node's workers that recorded one."""
+    exits = {}
+    for path in Path(directory).glob("exit-rank*"):
+        try:
+            exits[int(path.name.removeprefix("exit-rank"))] = int(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return exits
+
+
 def report_exception(exc: BaseException) -> None:
     """An unexpected error: its traceback travels with it (printed once by the launcher)."""
     detail = "".join(traceback.format_exception(exc))

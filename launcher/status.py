@@ -12,7 +12,6 @@ import os
 import re
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

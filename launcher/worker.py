@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return reporting.EXIT_USAGE
     try:
         train(load_config(argv[0], argv[1:]))
+        reporting.record_exit(reporting.EXIT_OK)
         return reporting.EXIT_OK
     except StopForRequeue:
         status = reporting.EXIT_REQUEUE  # rank 0 said where it saved
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or an upstream failure: keep the traceback, once
         status = reporting.EXIT_FAILED
         reporting.report_exception(exc)
+    reporting.record_exit(status)
     sys.stdout.flush()
     sys.stderr.flush()
     _exit_within(10.0, status)
