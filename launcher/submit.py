@@ -109,11 +109,28 @@ def check_member(config: str, overrides: list[str], options: SubmitOptions, chec
 
     cfg = load_config(config, overrides)
     validate(cfg, world_size=procs_per_node(options, cfg) * options.nodes)
+    refuse_if_job_active(Path(cfg.train.run_dir))
     finished = check_run(cfg)
     if finished:
         raise SubmitError(finished.removeprefix("heft: "))
     return Member(overrides=list(overrides), run_dir=Path(cfg.train.run_dir).resolve(),
                   procs_per_node=procs_per_node(options, cfg))
+
+
+ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+                 "REQUEUE_FED", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
+
+
+def refuse_if_job_active(run_dir: Path) -> None:
+    """Two jobs training into one run directory would interleave checkpoints and metrics."""
+    from heft.launcher.status import scontrol_job
+
+    record = read_job_record(run_dir)
+    job = scontrol_job(record["job_id"]) if record else None
+    if job and job.get("JobState") in ACTIVE_STATES:
+        raise SubmitError(
+            f"{run_dir} belongs to job {record['job_id']}, still {job['JobState']}; wait for it, "
+            f"`scancel {record['job_id']}` first, or choose a new train.run_dir")
 
 
 def plan(config: str, overrides: list[str], options: SubmitOptions, sweep: list[list[str]] | None,

@@ -108,6 +108,8 @@ def test_two_nodes_train_to_completion(uninterrupted):
 def test_preemption_saves_requeues_resumes_and_matches(uninterrupted, slurm_config, tmp_path):
     run_dir = tmp_path / "preempted"
     job = submit([str(slurm_config), f"train.run_dir={run_dir}", "--nodes", "2", "--time", "10"])
+    twice = run_heft(["submit", str(slurm_config), f"train.run_dir={run_dir}", "--nodes", "2"], check=False)
+    assert twice.returncode == 2 and f"belongs to job {job}, still" in twice.stderr, twice.stderr
     deadline = time.monotonic() + 240
     while not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
         assert time.monotonic() < deadline, "the job never logged a step"
