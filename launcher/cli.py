@@ -240,7 +240,7 @@ def cmd_job_event(args) -> int:
         return 0
     if args.status is None:
         raise UsageError("job-event end needs --status")
-    requeue, line = slurm_job.record_end(args.run_dir, args.status, args.max_requeues)
+    requeue, line = slurm_job.record_end(args.run_dir, args.status, args.max_requeues, args.terminated)
     print(line, file=sys.stderr, flush=True)
     return 0 if requeue else 1
 
@@ -328,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     event.add_argument("run_dir")
     event.add_argument("--status", type=int)
     event.add_argument("--max-requeues", type=int, default=20)
+    event.add_argument("--terminated", action="store_true", help="the batch script got SIGTERM")
     event.set_defaults(func=cmd_job_event)
     return parser
 

@@ -8,7 +8,8 @@ itself. Requeue only what a requeue can fix:
   requeue, unless the job was already requeued ``--max-requeues`` times, or the last
   ``NO_PROGRESS_LIMIT`` requeues all resumed from the same checkpoint step (a loop that never
   trains a step would otherwise hold a place in the queue forever);
-* 0 (finished) and every failure (bad config or data, NaN, a crash): never.
+* 0 (finished), every failure (bad config or data, NaN, a crash) and a job that got SIGTERM
+  (``scancel``, or the cluster ending it): never.
 
 The events file is what ``heft status`` reads for the requeue count: Slurm forgets a job's restart
 count soon after it ends, and ``sacct`` needs a database many clusters do not give users.
@@ -80,10 +81,14 @@ def record_start(run_dir: str | Path) -> None:
 
 
 def decide_requeue(status: int, restarts: int, max_requeues: int, step: int | None,
-                   earlier_requeue_steps: list[int | None]) -> tuple[bool, str]:
-    """(requeue?, the line that says why)."""
+                   earlier_requeue_steps: list[int | None], terminated: bool = False) -> tuple[bool, str]:
+    """(requeue?, the line that says why). ``terminated``: the batch script got SIGTERM."""
     if status == 0:
         return False, "heft: the run finished; not requeueing"
+    if terminated:
+        return False, ("heft: the job got SIGTERM (scancel, or the cluster ending it); not "
+                       "requeueing: a cancelled job stays cancelled, and Slurm requeues a job it "
+                       "preempts itself. Submit again to go on from the last checkpoint")
     if status != 75:
         return False, (f"heft: the run failed (status {status}); not requeueing: a requeue cannot "
                        f"fix it. The error is above and in `heft status`")
@@ -99,13 +104,14 @@ def decide_requeue(status: int, restarts: int, max_requeues: int, step: int | No
     return True, f"heft: saved and stopped; requeueing the job to resume from {where}"
 
 
-def record_end(run_dir: str | Path, status: int, max_requeues: int) -> tuple[bool, str]:
+def record_end(run_dir: str | Path, status: int, max_requeues: int,
+               terminated: bool = False) -> tuple[bool, str]:
     fields = _job_fields()
     step = latest_checkpoint_step(run_dir)
     earlier = [e.get("checkpoint_step") for e in read_events(run_dir)
                if e.get("event") == "end" and e.get("action") == "requeue"
                and (e.get("array") or e.get("job_id")) == (fields["array"] or fields["job_id"])]
-    requeue, line = decide_requeue(status, fields["restart"], max_requeues, step, earlier)
+    requeue, line = decide_requeue(status, fields["restart"], max_requeues, step, earlier, terminated)
     _append(run_dir, {"event": "end", **fields, "status": status, "checkpoint_step": step,
                       "action": "requeue" if requeue else "stop", "reason": line})
     return requeue, line

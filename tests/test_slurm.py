@@ -150,7 +150,7 @@ def test_time_limit_checkpoints_before_the_kill_and_the_requeued_job_finishes(sl
     events = wait_until_ended(run_dir, job)
     assert events[-1]["status"] == 0 and read_metrics(run_dir)[-1]["step"] == 100
     err = "\n".join(p.read_text() for p in (run_dir / "slurm").glob("*.err"))
-    assert "stop signal for job" in err and "Traceback" not in err
+    assert "stop signal (USR1) for job" in err and "Traceback" not in err
     assert job_state(job) == "COMPLETED"
 
 
@@ -229,6 +229,7 @@ def test_requeue_rules():
     assert decide_requeue(75, 2, 20, 12, [10, 11])[0]
     refused, why = decide_requeue(75, 2, 20, 10, [10, 10])  # three stops at one step: a loop
     assert not refused and "without training further" in why
+    assert not decide_requeue(75, 0, 20, 10, [], terminated=True)[0]  # scancel: stays cancelled
 
 
 def test_slurm_files_are_installed_with_heft():
