@@ -182,6 +182,7 @@ def cmd_submit(args) -> int:
         sbatch_args=args.sbatch_arg or [], env=args.env or [])
     if options.nodes < 1 or options.grace_s < 0 or options.max_requeues < 0:
         raise UsageError("--nodes must be >= 1, --grace and --max-requeues >= 0")
+    submit.check_time(options)
     sweep = submit.read_sweep(args.sweep) if args.sweep else None
     created = [] if not args.dry_run else _missing_dirs(args, sweep)
     members = submit.plan(args.config, args.overrides, options, sweep, check_run=_check_before_launch)
@@ -211,9 +212,13 @@ def _missing_dirs(args, sweep) -> list[Path]:
     """Run directories a dry run's checks would create (removed again afterwards)."""
     from heft.launcher.config import load_config
 
-    run_dir = Path(load_config(args.config, args.overrides).train.run_dir)
-    return [d for d in [run_dir, *[run_dir / f"sweep-{i}" for i in range(len(sweep or []))]]
-            if not d.exists()]
+    run_dir = Path(load_config(args.config, args.overrides).train.run_dir).resolve()
+    missing = [d for d in [run_dir, *[run_dir / f"sweep-{i}" for i in range(len(sweep or []))]]
+               if not d.exists()]
+    top = run_dir
+    while not top.parent.exists():  # parents the checks would create too (runs/ of runs/x)
+        top = top.parent
+    return missing + ([top] if top != run_dir and not top.exists() else [])
 
 
 def _remove_if_empty(directory: Path) -> None:
@@ -337,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     from heft.data.config import DataConfigError
     from heft.launcher.config import ConfigError
     
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after the options (`heft submit C --nodes 2 train.steps=9`)
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.verbose:
         os.environ[output.VERBOSE_VAR] = "1"  # the workers inherit it
     try:

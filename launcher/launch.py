@@ -106,8 +106,13 @@ def _worker_processes():
     return found
 
 
+class StoppedBeforeWorkers(Exception):
+    """SIGTERM while no worker runs yet (waiting for the other nodes): nothing to save, stop."""
+
+
 def _forward(signum, frame) -> int:
-    """Send ``signum`` to this node's workers; returns how many got it."""
+    """Send ``signum`` to this node's workers; returns how many got it. SIGTERM before there are
+    any (the agent waits for the other nodes to join) ends the launch instead of vanishing."""
     sent = 0
     for worker in _worker_processes():
         try:
@@ -115,6 +120,8 @@ def _forward(signum, frame) -> int:
             sent += 1
         except Exception:
             pass
+    if not sent and frame is not None and signum == signal.SIGTERM:
+        raise StoppedBeforeWorkers()
     return sent
 
 
@@ -172,6 +179,11 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
         printed.append(f"heft: stopped by {stopped.sigval.name}")
         print(printed[-1], file=sys.stderr, flush=True)
         return 128 + int(stopped.sigval)
+    except StoppedBeforeWorkers:
+        printed.append("heft: SIGTERM before the workers started (waiting for the other nodes); "
+                       "stopped, nothing to save")
+        print(printed[-1], file=sys.stderr, flush=True)
+        return 128 + int(signal.SIGTERM)
     except Exception as exc:  # the agent's own failure: rendezvous, the store, ...
         status, lines = _after_agent_error(exc, report_dir, _nproc(torchrun_args))
         printed.extend(lines)
@@ -199,6 +211,11 @@ def _after_agent_error(exc: Exception, report_dir: str, nproc: int) -> tuple[int
     if len(exits) == nproc and set(exits.values()) <= {reporting.EXIT_OK, reporting.EXIT_REQUEUE}:
         return max(exits.values()), []
     text = str(exc).strip().splitlines()
+    if type(exc).__name__ == "RendezvousTimeoutError":
+        return reporting.EXIT_FAILED, [
+            "heft: failed: not every node joined the rendezvous in time; start `heft train ... "
+            "--nnodes N --node-rank R --rdzv-endpoint HOST:PORT` on each of the N nodes, with the "
+            "same endpoint and --rdzv-id"]
     return reporting.EXIT_FAILED, [
         f"heft: failed: torchrun's agent on this node failed ({type(exc).__name__}: "
         f"{text[0][:300] if text else ''}); if another node's heft train ended first, its error "

@@ -48,7 +48,8 @@ class RunStatus:
 
     @property
     def eta_s(self) -> float | None:
-        if self.step is None or not self.steps or not self.step_time_s or self.state in ("done", "failed"):
+        if self.step is None or not self.steps or not self.step_time_s or self.state not in (
+                "running", "queued", "starting", "preempted"):
             return None
         return max(self.steps - self.step, 0) * self.step_time_s
 
@@ -106,7 +107,11 @@ def _alive_here(state: dict) -> bool:
 def collect(run_dir: str | Path) -> RunStatus:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no such directory)")
+        raise FileNotFoundError(f"{run_dir} is not a run directory ("
+                                f"{'a file' if run_dir.exists() else 'no such directory'})")
+    if not any((run_dir / name).exists() for name in ("metrics.jsonl", runstate.FILE_NAME, "slurm")):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no metrics.jsonl, "
+                                f"{runstate.FILE_NAME} or slurm/); give a train.run_dir")
     status = RunStatus(run_dir=run_dir)
     for key, value in read_metrics(run_dir).items():
         setattr(status, key, value)
@@ -138,7 +143,8 @@ def collect(run_dir: str | Path) -> RunStatus:
         status.state = "running" if _alive_here(launch) else "ended without a word"
         if status.state != "running":
             status.notes.append("the launcher is gone and wrote no outcome: killed (kill -9, out of "
-                                "memory, node failure?); run the same command to resume")
+                                "memory, scancel, node failure?); resume with the same heft train "
+                                "command or heft submit")
     if status.slurm_state:
         verdict = SLURM_STATE_VERDICT.get(status.slurm_state, status.slurm_state.lower())
         if verdict == "queued" and status.requeues:

@@ -72,6 +72,38 @@ def heft_executable() -> str:
     return str(beside) if beside.exists() else (shutil.which("heft") or "heft")
 
 
+def slurm_time_seconds(text: str) -> int:
+    """Seconds of a Slurm time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
+    parts = clock.split(":")
+    try:
+        if not days.isdigit() or not all(p.isdigit() for p in parts) or len(parts) > 3:
+            raise ValueError
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise SubmitError(f"--time {text!r} is not a Slurm time limit; use MM, HH:MM:SS or "
+                          f"D-HH:MM:SS (e.g. 90, 04:00:00, 2-00:00:00)") from None
+    if "-" in text:  # D-HH, D-HH:MM, D-HH:MM:SS
+        numbers += [0] * (3 - len(numbers))
+        hours, minutes, seconds = numbers
+    elif len(numbers) == 3:
+        hours, minutes, seconds = numbers
+    else:  # MM or MM:SS
+        hours, (minutes, seconds) = 0, (numbers + [0])[:2]
+    return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def check_time(options: SubmitOptions) -> None:
+    limit = slurm_time_seconds(options.time)
+    if limit <= 0:
+        raise SubmitError(f"--time {options.time} must be positive")
+    if options.grace_s >= limit:
+        raise SubmitError(
+            f"--grace {options.grace_s} s is not shorter than --time {options.time} ({limit} s): the "
+            f"run would be told to stop as soon as it starts and requeue again and again; give a "
+            f"longer --time or a shorter --grace")
+
+
 def procs_per_node(options: SubmitOptions, cfg) -> int:
     if options.procs_per_node:
         return options.procs_per_node
@@ -91,14 +123,16 @@ def read_sweep(path: str) -> list[list[str]]:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
         raise SubmitError(f"--sweep {path}: {exc.strerror or exc}") from None
-    sets = [shlex.split(line, comments=True) for line in lines]
-    sets = [s for s in sets if s]
-    if not sets:
-        raise SubmitError(f"--sweep {path} has no override sets (one line of key=value per array index)")
-    for number, overrides in enumerate(sets):
+    sets = []
+    for number, line in enumerate(lines, start=1):
+        overrides = shlex.split(line, comments=True)
         bad = [o for o in overrides if "=" not in o]
         if bad:
-            raise SubmitError(f"--sweep {path}: set {number} has {bad[0]!r}, not key=value")
+            raise SubmitError(f"--sweep {path} line {number}: {bad[0]!r} is not key=value")
+        if overrides:
+            sets.append(overrides)
+    if not sets:
+        raise SubmitError(f"--sweep {path} has no override sets (one line of key=value per array index)")
     return sets
 
 
@@ -149,7 +183,7 @@ def plan(config: str, overrides: list[str], options: SubmitOptions, sweep: list[
         try:
             members.append(check_member(config, [*overrides, *run_dir, *extra], options, check_run))
         except ConfigError as exc:
-            raise SubmitError(f"sweep set {index} ({' '.join(extra)}): {exc}") from None
+            raise SubmitError(f"sweep set {index} (array index {index}: {' '.join(extra)}): {exc}") from None
     dirs = [m.run_dir for m in members]
     if len(set(dirs)) != len(dirs):
         raise SubmitError("two sweep sets share a train.run_dir; give each its own or none")

@@ -218,6 +218,17 @@ def test_a_config_that_cannot_work_fails_at_submit_time(tmp_path, tiny_train_con
     assert bad.returncode == 2 and "sweep set 1" in bad.stderr
 
 
+def test_time_limit_and_grace_are_checked_and_overrides_may_follow_the_options(tmp_path, tiny_train_config):
+    common = ["submit", str(tiny_train_config), "--nodes", "1", "--dry-run"]
+    too_short = run_heft([*common, "--time", "5", f"train.run_dir={tmp_path / 'a'}"], check=False)
+    assert too_short.returncode == 2 and "--grace 300 s is not shorter than --time 5" in too_short.stderr
+    bad = run_heft([*common, "--time", "10min"], check=False)
+    assert bad.returncode == 2 and "is not a Slurm time limit" in bad.stderr
+    fine = run_heft([*common, "--time", "1-00:00:00", f"train.run_dir={tmp_path / 'b'}", "train.steps=7"])
+    assert "#SBATCH --time=1-00:00:00" in fine.stdout and "train.steps=7" in fine.stdout
+    assert not (tmp_path / "b").exists()
+
+
 def test_requeue_rules():
     from heft.launcher.slurm_job import decide_requeue
 
