@@ -179,6 +179,7 @@ def cmd_submit(args) -> int:
         time=args.time, grace_s=args.grace, partition=args.partition, account=args.account,
         cpus_per_task=args.cpus_per_task, mem=args.mem, exclusive=args.exclusive,
         dependency=args.dependency, max_requeues=args.max_requeues, job_name=args.job_name,
+        max_parallel=args.max_parallel,
         sbatch_args=args.sbatch_arg or [], env=args.env or [])
     if options.nodes < 1 or options.grace_s < 0 or options.max_requeues < 0:
         raise UsageError("--nodes must be >= 1, --grace and --max-requeues >= 0")
@@ -314,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub_.add_argument("--dependency", help="sbatch --dependency, e.g. afterok:1234")
     sub_.add_argument("--sweep", metavar="FILE",
                       help="a job array: one line of key=value overrides per array index")
+    sub_.add_argument("--max-parallel", type=int, default=None,
+                      help="with --sweep: array indices running at once (default: as many as fit)")
     sub_.add_argument("--max-requeues", type=int, default=20,
                       help="stop requeueing after this many (default 20)")
     sub_.add_argument("--job-name")

@@ -50,6 +50,8 @@ class SubmitOptions:
     dependency: str | None = None
     """Passed to sbatch --dependency, e.g. afterok:123 (train after a prepare job)."""
     max_requeues: int = 20
+    max_parallel: int | None = None
+    """A sweep's array indices running at once (sbatch --array=0-N%K; None: as many as fit)."""
     job_name: str | None = None
     sbatch_args: list[str] = field(default_factory=list)
     """Further ``#SBATCH`` lines, e.g. ``--qos=high``."""
@@ -215,7 +217,8 @@ def render(config: str, members: list[Member], options: SubmitOptions, home: Pat
         procs_per_node=members[0].procs_per_node,
         cpus_per_task=options.cpus_per_task, mem=options.mem, time=options.time,
         partition=options.partition, account=options.account, exclusive=options.exclusive,
-        array=f"0-{len(members) - 1}" if sweep else None,
+        array=(f"0-{len(members) - 1}" + (f"%{options.max_parallel}" if options.max_parallel else ""))
+        if sweep else None,
         grace_s=options.grace_s, workdir=Path.cwd(), log_dir=home / "slurm",
         log_name="%x-%A_%a" if sweep else "%x-%j", extra_sbatch=options.sbatch_args,
         heft=heft_executable(), config=Path(config).resolve(),

@@ -174,7 +174,7 @@ def test_sweep_array_after_a_dependency(slurm_cluster, slurm_config, tmp_path):
     sweep.write_text("# one run per line\ntrain.steps=2 optim.lr=1e-3\ntrain.steps=3 optim.lr=3e-3\n")
     base = tmp_path / "sweep"
     out = run_heft(["submit", str(slurm_config), f"train.run_dir={base}", "parallel.tensor=1",
-                    "parallel.data=1", "--nodes", "1", "--sweep", str(sweep),
+                    "parallel.data=1", "--nodes", "1", "--sweep", str(sweep), "--max-parallel", "1",
                     "--dependency", f"afterok:{first}", "--time", "10"]).stdout
     array = out.split("array job ", 1)[1].split()[0]
     for index, steps in ((0, 2), (1, 3)):
@@ -184,7 +184,10 @@ def test_sweep_array_after_a_dependency(slurm_cluster, slurm_config, tmp_path):
         first_end = subprocess.run(["scontrol", "show", "job", "-o", first], capture_output=True,
                                    text=True).stdout
         assert "JobState=COMPLETED" in first_end
-    assert (base / "slurm" / "heft.sbatch").is_file()
+    script = (base / "slurm" / "heft.sbatch").read_text()
+    # One at a time: two jobs building streaming datasets on one machine at the same moment can
+    # race for a shared-memory prefix (a known streaming limitation, docs/internals.md).
+    assert "#SBATCH --array=0-1%1" in script
 
 
 # --- no cluster needed ------------------------------------------------------------------------------
