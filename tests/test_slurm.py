@@ -168,8 +168,8 @@ def test_a_real_failure_is_not_requeued(slurm_cluster, slurm_config, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_array_after_a_dependency(slurm_cluster, slurm_config, tmp_path):
-    first = subprocess.run(["sbatch", "--parsable", "--wrap", "sleep 3"], capture_output=True, text=True,
-                           check=True).stdout.strip()
+    first = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'first.out'}", "--wrap", "sleep 3"],
+                           capture_output=True, text=True, check=True).stdout.strip()
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("# one run per line\ntrain.steps=2 optim.lr=1e-3\ntrain.steps=3 optim.lr=3e-3\n")
     base = tmp_path / "sweep"
