@@ -13,10 +13,14 @@ import socket
 import time
 from pathlib import Path
 
+from heft.launcher import reporting
+
 FILE_NAME = "heft-run.json"
 
 # Exit status -> the run's state as `heft status` reports it (launcher/reporting.py lists statuses).
-ENDED_STATES = {0: "done", 75: "preempted", 130: "interrupted", 2: "failed", 1: "failed"}
+ENDED_STATES = {reporting.EXIT_OK: "done", reporting.EXIT_REQUEUE: "preempted",
+                reporting.EXIT_INTERRUPTED: "interrupted", reporting.EXIT_USAGE: "failed",
+                reporting.EXIT_FAILED: "failed"}
 
 
 def path_in(run_dir: str | Path) -> Path:
@@ -67,6 +71,6 @@ class RunStateFile:
         if not self.enabled:
             return
         self.record.update(state=ENDED_STATES.get(status, "failed"), status=status,
-                           error=error_lines[0] if error_lines and status not in (0, 75) else None,
+                           error=error_lines[0] if error_lines and status not in (reporting.EXIT_OK, reporting.EXIT_REQUEUE) else None,
                            ended=time.time())
         _write(self.run_dir, self.record)
