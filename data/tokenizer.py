@@ -89,3 +89,50 @@ def load_tokenizer(data_dir: Path, spec: dict) -> Tokenizer:
         return BPETokenizer.load(Path(data_dir) / spec["file"])
     raise ValueError(f"unknown tokenizer kind {spec['kind']!r} in {data_dir}/manifest.json")
 
+
+
+def byte_tokenizer_backend():
+    """The byte tokenizer as a `tokenizers` object (ids 0..255 are the bytes, 256 end-of-document),
+    so tools that only know Hugging Face tokenizers encode exactly as heft does: a byte-level BPE
+    with the 256 byte symbols as its vocabulary and no merges."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    symbols = pre_tokenizers.ByteLevel.alphabet()  # one printable symbol per byte, GPT-2's mapping
+    byte_of = _byte_level_symbols()
+    vocab = {symbol: byte_of[symbol] for symbol in symbols}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOS_TEXT, special=True, normalized=False)])
+    assert tok.token_to_id(EOS_TEXT) == ByteTokenizer.eos_id
+    return tok
+
+
+def _byte_level_symbols() -> dict[str, int]:
+    """GPT-2's reversible byte -> printable character table, as symbol -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def to_transformers(tokenizer: Tokenizer, max_length: int):
+    """A transformers ``PreTrainedTokenizerFast`` that encodes and decodes like ``tokenizer``."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = byte_tokenizer_backend() if tokenizer.kind == "byte" else tokenizer._tok
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TEXT, bos_token=EOS_TEXT,
+                                   unk_token=None, pad_token=EOS_TEXT, model_max_length=max_length,
+                                   clean_up_tokenization_spaces=False)
+
+
+def tokenizer_files(data_dir: Path, spec: dict) -> list[Path]:
+    """The files a prepared dataset's tokenizer needs beside its manifest entry."""
+    return [Path(data_dir) / spec["file"]] if spec.get("file") else []

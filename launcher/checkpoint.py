@@ -223,9 +223,61 @@ class Saver:
             "layout": _layout_signature(trainer),
             "world_size": trainer.layout.world_size,
             "config": cfg.to_dict(),
+            "tokenizer": _copy_tokenizer(cfg.data.path, heft_dir),
             "saved_at": time.time(),
         }
         files.write_atomically(heft_dir / files.STATE_FILE, json.dumps(state, indent=1) + "\n")
+
+
+def _copy_tokenizer(data_path: str, heft_dir: Path) -> dict:
+    """The data's tokenizer goes with every checkpoint (heft/ beside state.json; a BPE's
+    tokenizer.json is a few MB at most), so evaluating, generating and exporting need no dataset."""
+    import shutil
+
+    from heft.data.prepare import load_manifest
+    from heft.data.tokenizer import tokenizer_files
+
+    spec = load_manifest(data_path)["tokenizer"]
+    for file in tokenizer_files(Path(data_path), spec):
+        shutil.copyfile(file, heft_dir / file.name)
+    return spec
+
+
+def checkpoint_tokenizer(path: Path, state: dict):
+    """The tokenizer a checkpoint was trained with (from its heft/ directory, or, for checkpoints
+    written before heft kept it there, from the dataset its config names)."""
+    from heft.data.prepare import load_manifest
+    from heft.data.tokenizer import load_tokenizer
+
+    if "tokenizer" in state:
+        return load_tokenizer(Path(path) / files.HEFT_DIR, state["tokenizer"])
+    data_path = state["config"]["data"]["path"]
+    try:
+        return load_tokenizer(Path(data_path), load_manifest(data_path)["tokenizer"])
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not hold its tokenizer and its dataset {data_path} is "
+                              f"unreadable ({exc}); pass the dataset with --data PATH") from None
+
+
+def load_weights(chunks, path: Path, state: dict, model_cfg, vocab_size: int, tensor_parallel: int) -> None:
+    """Load only the model weights of a verified checkpoint into ``chunks`` (built under any
+    layout; collective): for evaluation, generation and starting a new run from them."""
+    from megatron.core import dist_checkpointing
+
+    from heft.model.build import padded_vocab_size, unwrap
+
+    ours = {**{k: getattr(model_cfg, k) for k in MODEL_SHAPE_FIELDS}, "vocab_size": vocab_size,
+            "padded_vocab_size": padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by,
+                                                   tensor_parallel)}
+    differ = [f"{k} {state['model'].get(k)} (checkpoint) vs {v} (this model)"
+              for k, v in ours.items() if state["model"].get(k) != v]
+    if differ:
+        raise CheckpointError(f"{path} holds another model: {'; '.join(differ)}")
+    request = {f"model{i}": _without_extra_state(unwrap(chunk).sharded_state_dict(metadata=dict(SHARDING_METADATA)))
+               for i, chunk in enumerate(chunks)}
+    loaded = dist_checkpointing.load(request, str(path), validate_access_integrity=False)
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
 
 
 def check_compatible(trainer, state: dict, path: Path) -> None:

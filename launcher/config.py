@@ -292,9 +292,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> HeftConfig:
     """Read a YAML config, apply ``key=value`` overrides, type-check, fill presets, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_yaml(Path(path))
+    return config_from_dict(read_yaml(Path(path)) if path is not None else {}, overrides)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> HeftConfig:
+    """A config from its dict form (a YAML file's, or a checkpoint's saved ``config``), with
+    ``key=value`` overrides applied, type-checked, preset-filled and validated."""
+    import copy
+
+    raw = copy.deepcopy(raw)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
     sections = typing.get_type_hints(HeftConfig)  # section name -> its dataclass

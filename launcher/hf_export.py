@@ -1,0 +1,110 @@
+"""``heft export-hf CHECKPOINT OUT``: a Hugging Face Llama directory from a heft checkpoint.
+
+Works offline in one process, whatever layout the checkpoint was trained under: megatron-core's
+``torch_dist`` files are read with torch.distributed.checkpoint's single-process loader, which
+assembles every weight whole from the ranks' shards. One weight is read at a time and mapped
+(``model/hf_llama.py``); the output holds them all until written (the model's size in memory).
+
+OUT is built beside itself (``OUT.partial``) and swapped in only when complete. An existing OUT is
+replaced only if it is an earlier heft export (it has ``heft-export.json``); anything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from heft.launcher import checkpoint_files as files
+from heft.launcher.checkpoint_files import CheckpointError
+from heft.model import hf_llama
+
+MARKER = "heft-export.json"
+
+
+class ExportError(ValueError):
+    """The output directory cannot be used. The message names it and the fix."""
+
+
+def check_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise ExportError(f"{out} exists and is not an earlier heft export (no {MARKER}); heft never "
+                          f"overwrites other files: choose a new output directory")
+
+
+def read_weights(path: Path):
+    """(key, whole tensor) of every model weight in a checkpoint, one at a time."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    reader = FileSystemReader(str(path))
+    metadata = reader.read_metadata()
+    for key, entry in metadata.state_dict_metadata.items():
+        if key.startswith("optimizer.") or not hasattr(entry, "size"):
+            continue
+        holder = {key: torch.empty(entry.size, dtype=entry.properties.dtype)}
+        dcp.load(holder, storage_reader=FileSystemReader(str(path)), no_dist=True)
+        yield key, holder[key]
+
+
+def hf_state_dict(path: Path, state: dict) -> dict[str, torch.Tensor]:
+    shape = hf_llama.Shape.of(state["model"])
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in read_weights(path):
+        # Copies, not views: each HF weight is its own tensor in the safetensors file.
+        tensors.update({k: v.clone() for k, v in hf_llama.to_hf(key, tensor, shape).items()})
+    expected = 3 + 9 * shape.num_layers - int(shape.tie_embeddings)  # embed, norm, (lm_head), 9 per layer
+    if len(tensors) != expected:
+        raise CheckpointError(f"{path} holds {len(tensors)} Llama weights, expected {expected}; "
+                              f"is it a complete heft checkpoint?")
+    return tensors
+
+
+def export(checkpoint: Path, out: Path) -> Path:
+    """Write the Hugging Face Llama equivalent of ``checkpoint`` to ``out``; returns ``out``."""
+    from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig, LlamaConfig
+
+    from heft.data.tokenizer import to_transformers
+    from heft.launcher.checkpoint import checkpoint_tokenizer
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    state = files.verify(checkpoint)
+    check_output(out)
+    tokenizer = checkpoint_tokenizer(checkpoint, state)
+    weights = hf_state_dict(checkpoint, state)
+    dtype = next(iter(weights.values())).dtype
+    model = {**state["config"]["model"], **state["model"]}
+    seq_length = state["config"]["model"]["seq_length"]
+    config = hf_llama.llama_config(model, state["model"]["padded_vocab_size"], seq_length,
+                                   str(dtype).removeprefix("torch."), tokenizer.eos_id, tokenizer.eos_id)
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_torch_state_dict(weights, partial, max_shard_size="5GB")
+    LlamaConfig(**config).save_pretrained(partial)
+    GenerationConfig(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+                     pad_token_id=tokenizer.eos_id).save_pretrained(partial)
+    to_transformers(tokenizer, seq_length).save_pretrained(partial)
+    (partial / MARKER).write_text(json.dumps({
+        "checkpoint": str(checkpoint.resolve()), "step": state["step"],
+        "vocab_size": state["model"]["vocab_size"], "padded_vocab_size": state["model"]["padded_vocab_size"],
+        "note": "vocab_size in config.json is heft's padded vocabulary: the rows beyond the "
+                "tokenizer's take part in the softmax, so they are kept for identical log-probabilities",
+    }, indent=1) + "\n")
+    _swap_in(partial, out)
+    return out
+
+
+def _swap_in(partial: Path, out: Path) -> None:
+    """Replace ``out`` (absent, empty, or an earlier heft export) with the finished ``partial``."""
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)

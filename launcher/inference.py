@@ -1,0 +1,92 @@
+"""A heft checkpoint as a model in this process: logits for token ids, for generation and lm-eval.
+
+The model is heft's own megatron-core GPTModel, built unsplit (TP1, PP1) in a one-rank process
+group and loaded from the checkpoint whatever layout trained it. Multi-process evaluation under a
+parallel layout is ``heft eval`` (``launcher/eval_run.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from heft.launcher import checkpoint_files as files
+
+# The layout of the in-process model, whatever the checkpoint was trained with.
+UNSPLIT = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
+           "parallel.context=1", "parallel.data=null", "parallel.distributed_optimizer=false"]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest complete one in a run directory (``RUN_DIR`` or its
+    ``checkpoints/``). Raises CheckpointError naming what was looked at."""
+    path = Path(path)
+    if (path / files.HEFT_DIR / files.STATE_FILE).is_file():
+        return path
+    for ckpt_dir in (path / "checkpoints", path):
+        found = files.newest_usable(ckpt_dir, warn=lambda line: print(line, flush=True))
+        if found:
+            return found[0]
+    if not path.exists():
+        raise files.CheckpointError(f"{path} does not exist")
+    raise files.CheckpointError(f"{path} is neither a heft checkpoint (no {files.HEFT_DIR}/"
+                                f"{files.STATE_FILE}) nor a run directory with a complete checkpoint")
+
+
+def _one_rank_world() -> None:
+    """A one-process gloo/NCCL group, unless this process already belongs to one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        os.environ[key] = value
+
+
+class LoadedModel:
+    """``logits(tokens)`` of a heft checkpoint, with its tokenizer and sequence length."""
+
+    def __init__(self, checkpoint: str | Path, precision: str = "auto"):
+        from heft.launcher.checkpoint import checkpoint_tokenizer, load_weights
+        from heft.launcher.config import config_from_dict
+        from heft.launcher.train import build_model, start_processes
+        from heft.model import cpu_compat
+        from heft.model.build import Backends
+
+        self.path = resolve_checkpoint(checkpoint)
+        state = files.verify(self.path)
+        self.state = state
+        self.cfg = config_from_dict(state["config"], [*UNSPLIT, f"train.precision={precision}"])
+        self.tokenizer = checkpoint_tokenizer(self.path, state)
+        self.seq_length = self.cfg.model.seq_length
+        self.vocab_size = state["model"]["vocab_size"]
+        cpu_compat.enable_if_no_cuda()
+        _one_rank_world()
+        start_processes(self.cfg)
+        self.chunks = build_model(self.cfg, self.vocab_size, Backends.detect())
+        load_weights(self.chunks, self.path, state, self.cfg.model, self.vocab_size, tensor_parallel=1)
+        for chunk in self.chunks:
+            chunk.eval()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, S] token ids (S <= seq_length) -> [B, S, padded vocab] float32 logits."""
+        if tokens.shape[1] > self.seq_length:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed the model's seq_length {self.seq_length}")
+        tokens = tokens.to(self.device)
+        positions = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0).expand_as(tokens)
+        return self.chunks[0](tokens, positions, None).float()
+
+    def close(self) -> None:
+        from heft.model.parallel import shutdown
+
+        shutdown()
