@@ -44,6 +44,16 @@ def _check_before_launch(cfg) -> str | None:
     check_enough_samples(manifest, weights, cfg.train.global_batch_size, cfg.data.path)
     check_mixture(cfg.mixture, [d["name"] for d in manifest["domains"]], cfg.data.path)
     check_writable(cfg.train.run_dir)
+    if cfg.checkpoint.init_hf:
+        from heft.data.tokenizer import load_tokenizer
+        from heft.model.hf_import import HFImportError, check_fits
+
+        try:
+            check_fits(cfg.checkpoint.init_hf, cfg.model, load_tokenizer(cfg.data.path, manifest["tokenizer"]))
+        except HFImportError as exc:
+            from heft.launcher.config import ConfigError
+
+            raise ConfigError(str(exc)) from None
     return already_finished(cfg, decide_start(cfg, warn=lambda line: print(line, file=sys.stderr)))
 
 

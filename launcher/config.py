@@ -147,6 +147,10 @@ class CheckpointConfig:
     async_save: bool = False
     """Write checkpoint files in a background process while training goes on (megatron-core's
     asynchronous save); the checkpoint is marked complete once every rank's files are written."""
+    init_hf: str | None = None
+    """A Hugging Face Llama directory (config.json + safetensors) to start a fresh run from, under
+    any layout (continued pretraining). Ignored once the run has checkpoints of its own: resuming
+    continues from those."""
 
     def check(self) -> None:
         if self.interval < 0:
@@ -155,6 +159,9 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
         if not self.load:
             raise ValueError("checkpoint.load must be auto, none or a checkpoint path")
+        if self.init_hf and self.load not in ("auto", "none"):
+            raise ValueError(f"checkpoint.init_hf and checkpoint.load={self.load} both say where to "
+                             f"start; set only one")
 
     def directory(self, run_dir: str) -> Path:
         return Path(self.dir) if self.dir else Path(run_dir) / "checkpoints"

@@ -165,6 +165,8 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
 
     t, m = cfg.train, cfg.model
     chunks = build_model(cfg, vocab_size, backends)
+    if cfg.checkpoint.init_hf and not start.checkpoint:
+        start_from_hf(cfg, chunks, manifest)
     optimizer, scheduler = build_optimizer(cfg, chunks, resolve_dtype(t.precision, backends) == torch.bfloat16)
     reduction = build_loss_reduction(cfg, layout, domain_names)
     reduction.install(get_model_config(chunks[0]))
@@ -190,6 +192,19 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     # Built after the checkpoint is known: streaming takes a resume state only before iterating.
     trainer.batches = replica_batches(cfg, layout, start.state["data"] if start.state else None, reference)
     return trainer
+
+
+def start_from_hf(cfg: HeftConfig, chunks, manifest: dict) -> None:
+    """Overwrite the fresh model's weights with a Hugging Face Llama's (checkpoint.init_hf)."""
+    from heft.data.tokenizer import load_tokenizer
+    from heft.model.hf_import import HFImportError, check_fits, load_into
+
+    try:
+        check_fits(cfg.checkpoint.init_hf, cfg.model, load_tokenizer(cfg.data.path, manifest["tokenizer"]))
+        load_into(chunks, cfg.checkpoint.init_hf, cfg.model)
+    except HFImportError as exc:
+        raise ConfigError(str(exc)) from None
+    say(f"heft: model initialised from the Hugging Face checkpoint {cfg.checkpoint.init_hf}")
 
 
 def check_nonfinite(cfg: HeftConfig, step: int, result: StepResult, consecutive_skips: int) -> int:
