@@ -7,6 +7,10 @@
     heft plot RUN_DIR [--out FILE.png]    loss, per-domain loss/weight/fraction, ESS over steps
     heft submit CONFIG --nodes N [...]    check the config, render an sbatch script, submit it
     heft status RUN_DIR                   state, step, loss, speed, ETA, checkpoint, requeues
+    heft eval RUN_DIR_OR_CKPT [...]       held-out loss and perplexity per domain, any layout
+    heft export-hf CKPT OUT               a Hugging Face Llama directory (safetensors + tokenizer)
+    heft generate CKPT --prompt TEXT      sample a continuation
+    heft lm-eval --model heft ...         lm-evaluation-harness with heft checkpoints (heft[eval])
 
 ``heft --verbose ...`` shows every upstream warning and the launcher's own logs.
 """
@@ -181,6 +185,67 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from heft.launcher.eval_run import plan
+    from heft.launcher.launch import run_workers, torchrun_arguments
+    from heft.launcher.worker import EVAL_FLAG
+
+    p = plan(args.checkpoint, args.data, args.nproc, args.micro_batch_size, args.max_batches, args.overrides)
+    return run_workers(torchrun_arguments(p.world_size, 1, None, "heft-eval", None,
+                                          [EVAL_FLAG, str(p.checkpoint), *p.overrides]),
+                       p.world_size, verbose=output.verbose())
+
+
+def cmd_export_hf(args) -> int:
+    from heft.launcher.hf_export import ExportError, export
+    from heft.launcher.inference import resolve_checkpoint
+
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        out = export(checkpoint, Path(args.out))
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"heft: exported {checkpoint} to {out}; load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from heft.launcher.generate import Sampling, continue_tokens
+    from heft.launcher.inference import LoadedModel
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    try:
+        sampling.check()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    model = LoadedModel(args.checkpoint, precision=args.precision)
+    prompt = model.tokenizer.encode(args.prompt)
+    if not prompt:
+        raise UsageError("--prompt is empty")
+    print(args.prompt, end="", flush=True)
+    new: list[int] = []
+    shown = ""
+    for token in continue_tokens(model, prompt, sampling):
+        new.append(token)
+        text = model.tokenizer.decode(new)  # whole-text decode: multi-byte characters come out whole
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(model.tokenizer.decode(new)[len(shown):], flush=True)
+    model.close()
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    try:
+        from heft.launcher import lm_eval_model
+    except ImportError as exc:
+        raise UsageError(f"heft lm-eval needs lm-evaluation-harness ({exc}); "
+                         f"pip install 'heft[eval]'") from None
+    return lm_eval_model.main(args.lm_eval_args)
+
+
 def cmd_submit(args) -> int:
     from heft.launcher import submit
 
@@ -266,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true",
                         help="show every upstream warning and the launcher's logs")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,prepare,config,plot,submit,status}")
+                                metavar="{train,prepare,config,plot,submit,status,eval,export-hf,generate,lm-eval}")
 
     train = sub.add_parser("train", help="train a model (launches torchrun unless already a worker)")
     train.add_argument("config")
@@ -341,6 +406,39 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir")
     status.set_defaults(func=cmd_status)
 
+    ev = sub.add_parser("eval", help="held-out loss and perplexity per domain of a checkpoint",
+                        description="Loads a checkpoint (or a run directory's newest) under any layout "
+                        "the processes fit (default: one process), evaluates every domain's validation "
+                        "split, prints a table and writes CHECKPOINT.eval.json beside it.")
+    ev.add_argument("checkpoint", help="a checkpoint directory or a run directory")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor=2")
+    ev.add_argument("--data", help="a prepared dataset (default: the one the checkpoint trained on)")
+    ev.add_argument("--nproc", type=int, help="processes (default: TP*PP*CP of the overrides, i.e. 1)")
+    ev.add_argument("--micro-batch-size", type=int, help="default: the training run's")
+    ev.add_argument("--max-batches", type=int,
+                    help="validation microbatches per data-parallel replica (default: all)")
+    ev.set_defaults(func=cmd_eval)
+
+    exp = sub.add_parser("export-hf", help="write a Hugging Face Llama directory from a checkpoint")
+    exp.add_argument("checkpoint", help="a checkpoint directory or a run directory")
+    exp.add_argument("out", help="output directory (new, or an earlier heft export)")
+    exp.set_defaults(func=cmd_export_hf)
+
+    gen = sub.add_parser("generate", help="sample a continuation of a prompt from a checkpoint")
+    gen.add_argument("checkpoint", help="a checkpoint directory or a run directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    gen.set_defaults(func=cmd_generate)
+
+    lm = sub.add_parser("lm-eval", help="lm-evaluation-harness's command with the heft model registered",
+                        add_help=False)
+    lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    lm.set_defaults(func=cmd_lm_eval)
+
     event = sub.add_parser("job-event")  # the batch script's bookkeeping; not listed in the help
     event.add_argument("event", choices=["start", "end"])
     event.add_argument("run_dir")
@@ -353,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from heft.data.config import DataConfigError
+    from heft.launcher.checkpoint_files import CheckpointError
     from heft.launcher.config import ConfigError
-    
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after the options (`heft submit C --nodes 2 train.steps=9`)
@@ -365,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[output.VERBOSE_VAR] = "1"  # the workers inherit it
     try:
         return args.func(args) or 0
-    except (ConfigError, DataConfigError, UsageError, FileNotFoundError,
+    except (ConfigError, DataConfigError, CheckpointError, UsageError, FileNotFoundError,
             FileExistsError, PermissionError) as exc:
         print(f"heft: error: {exc}", file=sys.stderr)
         return 2

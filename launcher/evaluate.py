@@ -22,9 +22,10 @@ class Evaluator:
         self.micro_batch_size = micro_batch_size
         self.seq_length = seq_length
 
-    def run(self, step: int, stop_requested=lambda: False) -> dict | None:
+    def run(self, step: int, stop_requested=lambda: False, progress=lambda microbatches: None) -> dict | None:
         """{'eval_loss': token mean, 'eval_<domain>_loss': per-domain mean} on every rank, or None
-        if ``stop_requested()`` (a collective, checked between blocks of microbatches) said stop."""
+        if ``stop_requested()`` (a collective, checked between blocks of microbatches) said stop.
+        ``progress(n)`` is told of each block of ``n`` microbatches done."""
         for chunk in self.chunks:
             chunk.eval()
         self.reduction.begin_step(step)
@@ -34,6 +35,7 @@ class Evaluator:
                 run_schedule(self.forward_backward, self.chunks, self.reduction,
                              self.batches[start:start + self.BLOCK], self.micro_batch_size,
                              self.seq_length, forward_only=True)
+                progress(len(self.batches[start:start + self.BLOCK]))
                 if stop_requested():
                     stopped = True
                     break
@@ -42,6 +44,7 @@ class Evaluator:
         if stopped:
             return None
         report = self.reduction.finish_step()
+        self.last_report = report  # per-domain sample counts, for heft eval's table
         metrics = {"eval_loss": report.loss}
         for key, value in report.metrics.items():
             if key.startswith("domain_") and key.endswith("_loss"):

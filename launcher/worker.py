@@ -16,6 +16,10 @@ output.filter_known_warnings()  # before megatron-core and streaming are importe
 preemption.listen()  # a stop signal during start-up is honoured at the first step, not fatal
 
 
+EVAL_FLAG = "--eval"
+"""``python -m heft.launcher.worker --eval CHECKPOINT [key=value ...]`` evaluates instead of training."""
+
+
 def _exit_within(seconds: float, status: int) -> None:
     """Let normal interpreter shutdown run (streaming frees its shared memory at exit), but never
     let it hang a failed worker: a daemon timer ends the process regardless."""
@@ -40,8 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         print("heft.launcher.worker must run under torchrun or srun; use `heft train` instead",
               file=sys.stderr)
         return reporting.EXIT_USAGE
+    if argv[0] == EVAL_FLAG:  # heft eval: held-out loss of a checkpoint under this layout
+        from heft.launcher.eval_run import evaluate_checkpoint
+
+        def job():
+            evaluate_checkpoint(argv[1], argv[2:])
+    else:
+        def job():
+            train(load_config(argv[0], argv[1:]))
     try:
-        train(load_config(argv[0], argv[1:]))
+        job()
         reporting.record_exit(reporting.EXIT_OK)
         return reporting.EXIT_OK
     except StopForRequeue:

@@ -1,0 +1,159 @@
+"""``heft eval RUN_DIR_OR_CHECKPOINT``: held-out loss and perplexity per domain of a checkpoint.
+
+The launcher side (:func:`plan`) turns the checkpoint's own config, the command's options and any
+``key=value`` overrides into worker arguments: one process by default (TP1, PP1), or any layout the
+given processes fit. Each worker (:func:`evaluate_checkpoint`, run by ``heft.launcher.worker
+--eval``) builds the model under that layout, loads only its weights, and runs the same forward-only
+evaluation as training does (``launcher/evaluate.py``) over the data's validation splits, so the
+numbers reproduce the in-training evaluation's. Rank 0 prints a table and writes
+``<checkpoint>.eval.json`` beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from heft.launcher import checkpoint_files as files
+
+ONE_PROCESS = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
+               "parallel.context=1", "parallel.data=null", "parallel.distributed_optimizer=false"]
+
+
+@dataclass
+class EvalPlan:
+    checkpoint: Path
+    overrides: list[str]
+    world_size: int
+
+
+def plan(path: str, data: str | None, nproc: int | None, micro_batch_size: int | None,
+         max_batches: int | None, overrides: list[str]) -> EvalPlan:
+    """Check everything that needs no process; the one-line errors come from here."""
+    from heft.launcher.config import ConfigError, config_from_dict, validate
+    from heft.launcher.inference import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(path)
+    state = files.verify(checkpoint)
+    extra = [*ONE_PROCESS, *overrides]
+    if data:
+        extra.append(f"data.path={data}")
+    if micro_batch_size:
+        extra.append(f"train.micro_batch_size={micro_batch_size}")
+    extra.append(f"train.eval_max_microbatches={max_batches if max_batches else 'null'}")
+    cfg = config_from_dict(state["config"], extra)
+    model_parallel = cfg.parallel.model_parallel_size()
+    world = nproc or model_parallel * (cfg.parallel.data or 1)
+    if world % model_parallel:
+        raise ConfigError(f"--nproc {world} is not a multiple of TP*PP*CP = {model_parallel}")
+    # Evaluation has no global batch; make the training one agree with this layout.
+    extra.append(f"train.global_batch_size={cfg.train.micro_batch_size * world // model_parallel}")
+    validate(config_from_dict(state["config"], extra), world)
+    _check_data(cfg, checkpoint, state)
+    return EvalPlan(checkpoint, extra, world)
+
+
+def _check_data(cfg, checkpoint: Path, state: dict) -> None:
+    """The data must be tokenized as the model was trained, and have held-out samples."""
+    from heft.data.config import DataConfigError
+    from heft.data.loader import check_sequence_length
+    from heft.data.tokenizer import load_tokenizer
+    from heft.data.verify import verify_dataset
+    from heft.launcher.checkpoint import checkpoint_tokenizer
+
+    manifest = verify_dataset(cfg.data.path)
+    check_sequence_length(manifest, cfg.model.seq_length, cfg.data.path)
+    ours = checkpoint_tokenizer(checkpoint, state)
+    theirs = load_tokenizer(Path(cfg.data.path), manifest["tokenizer"])
+    if (ours.kind, ours.vocab_size) != (theirs.kind, theirs.vocab_size) or (
+            ours.kind == "bpe" and ours._tok.get_vocab(True) != theirs._tok.get_vocab(True)):
+        raise DataConfigError(f"{cfg.data.path} was tokenized with another tokenizer ({theirs.kind}, "
+                              f"{theirs.vocab_size} tokens) than {checkpoint} ({ours.kind}, "
+                              f"{ours.vocab_size} tokens); evaluate on data prepared with the model's tokenizer")
+    if not any(d["val"]["samples"] for d in manifest["domains"]):
+        raise DataConfigError(f"{cfg.data.path} has no validation samples; prepare it with --val-fraction > 0")
+
+
+def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
+    """Worker side: build, load, evaluate; rank 0 reports. Returns the results (every rank)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from heft.data.loader import validation_batches
+    from heft.data.prepare import load_manifest
+    from heft.launcher.checkpoint import load_weights
+    from heft.launcher.config import config_from_dict
+    from heft.launcher.evaluate import Evaluator
+    from heft.launcher.train import (build_loss_reduction, build_model, check_backends,
+                                     clean_stale_data_state, start_processes)
+    from heft.model import cpu_compat
+    from heft.model.build import Backends
+    from heft.model.parallel import shutdown
+    from heft.reweighting.config import ReweightConfig
+
+    path = Path(checkpoint)
+    state = files.verify(path)
+    cfg = config_from_dict(state["config"], overrides)
+    cpu_compat.enable_if_no_cuda()
+    backends = Backends.detect()
+    check_backends(cfg, backends)
+    layout = start_processes(cfg)
+    manifest = load_manifest(cfg.data.path)
+    vocab_size = manifest["tokenizer"]["vocab_size"]
+    domains = [d["name"] for d in manifest["domains"]]
+    clean_stale_data_state(cfg)
+    chunks = build_model(cfg, vocab_size, backends)
+    load_weights(chunks, path, state, cfg.model, vocab_size, cfg.parallel.tensor)
+    t = cfg.train
+    batches = validation_batches(cfg.data.path, t.micro_batch_size, cfg.parallel.model_parallel_size(),
+                                 t.eval_max_microbatches)
+    evaluator = Evaluator(batches, build_loss_reduction(cfg, layout, domains, ReweightConfig(strategy="none")),
+                          chunks, get_forward_backward_func(), t.micro_batch_size, cfg.model.seq_length)
+    bar = _progress_bar(len(batches), enabled=layout.rank == 0)
+    metrics = evaluator.run(state["step"], progress=bar.update)
+    bar.close()
+    results = _results(path, state, cfg, layout, metrics, evaluator.last_report, domains)
+    if layout.rank == 0:
+        out = path.with_name(path.name + ".eval.json")
+        files.write_atomically(out, json.dumps(results, indent=1) + "\n")
+        print(table(results) + f"\nheft: wrote {out}", flush=True)
+    shutdown()
+    return results
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    import sys
+
+    return tqdm(total=total, desc="heft eval", unit="microbatch", leave=False,
+                disable=not (enabled and sys.stderr.isatty()))  # no bar in logs
+
+
+def _results(path: Path, state: dict, cfg, layout, metrics: dict, report, domains: list[str]) -> dict:
+    seq = cfg.model.seq_length
+    per_domain = {}
+    for name, count in zip(domains, report.domain_counts):
+        if count:
+            loss = metrics[f"eval_{name}_loss"]
+            per_domain[name] = {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count) * seq}
+    return {
+        "checkpoint": str(path.resolve()), "step": state["step"], "data": str(cfg.data.path),
+        "layout": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline,
+                   "data": layout.data_parallel, "world_size": layout.world_size},
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "max_microbatches_per_replica": cfg.train.eval_max_microbatches,
+        "overall": {"loss": metrics["eval_loss"], "perplexity": math.exp(metrics["eval_loss"]),
+                    "tokens": sum(d["tokens"] for d in per_domain.values())},
+        "domains": per_domain,
+    }
+
+
+def table(results: dict) -> str:
+    rows = [*results["domains"].items(), ("overall (token-weighted)", results["overall"])]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"heft eval: {results['checkpoint']} (step {results['step']}) on {results['data']}",
+             f"{'domain':<{width}}  {'tokens':>10}  {'loss':>8}  {'perplexity':>10}"]
+    lines += [f"{name:<{width}}  {r['tokens']:>10,}  {r['loss']:>8.4f}  {r['perplexity']:>10.3f}" for name, r in rows]
+    return "\n".join(lines)
