@@ -47,7 +47,6 @@ def _check_before_launch(cfg) -> str | None:
     weights = domain_proportions(manifest, cfg.data.proportions)
     check_enough_samples(manifest, weights, cfg.train.global_batch_size, cfg.data.path)
     check_mixture(cfg.mixture, [d["name"] for d in manifest["domains"]], cfg.data.path)
-    check_writable(cfg.train.run_dir)
     if cfg.checkpoint.init_hf:
         from heft.data.tokenizer import load_tokenizer
         from heft.model.hf_import import HFImportError, check_fits
@@ -58,6 +57,7 @@ def _check_before_launch(cfg) -> str | None:
             from heft.launcher.config import ConfigError
 
             raise ConfigError(str(exc)) from None
+    check_writable(cfg.train.run_dir)
     return already_finished(cfg, decide_start(cfg, warn=lambda line: print(line, file=sys.stderr)))
 
 
