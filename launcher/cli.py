@@ -449,13 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lm_eval_arguments(argv: list[str]) -> list[str] | None:
+    """What follows ``heft [--verbose] lm-eval``, or None for any other command."""
+    for i, arg in enumerate(argv):
+        if arg == "lm-eval":
+            return argv[i + 1:]
+        if arg != "--verbose":
+            return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from heft.data.config import DataConfigError
     from heft.launcher.checkpoint_files import CheckpointError
     from heft.launcher.config import ConfigError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on = _lm_eval_arguments(argv)
+    if passed_on is not None:  # all of them are lm-eval's, options first: argparse would take them
+        argv = argv[:len(argv) - len(passed_on)]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if passed_on is not None:
+        args.lm_eval_args = passed_on
     if extra:  # key=value overrides after the options (`heft submit C --nodes 2 train.steps=9`)
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -67,6 +67,14 @@ def untied_bpe_run(tmp_path_factory, tiny_train_config) -> Path:
                   f"data.path={root / 'data'}")
 
 
+@pytest.fixture(scope="module")
+def tied_export(tied_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf_export") / "tied"
+    proc = run_heft(["export-hf", str(tied_run), str(out)])
+    assert "exported" in proc.stdout
+    return out
+
+
 def _hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
@@ -81,9 +89,11 @@ def test_export_gives_heft_logits_in_transformers(run, request, tmp_path, in_pro
     from transformers import AutoTokenizer
 
     run_dir = request.getfixturevalue(run)
-    out = tmp_path / "export"
-    proc = run_heft(["export-hf", str(run_dir), str(out)])
-    assert "exported" in proc.stdout
+    if run == "tied_run":
+        out = request.getfixturevalue("tied_export")
+    else:
+        out = tmp_path / "export"
+        run_heft(["export-hf", str(run_dir), str(out)])
     heft = in_process_model(run_dir)
     tokens = torch.randint(0, heft.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     ours, theirs = heft.logits(tokens), _hf_logits(out, tokens)
@@ -99,6 +109,7 @@ def test_export_gives_heft_logits_in_transformers(run, request, tmp_path, in_pro
 
 @pytest.mark.slow
 def test_export_never_overwrites_foreign_files(tied_run, tmp_path):
+    """A foreign directory is refused untouched; an earlier export is replaced."""
     foreign = tmp_path / "project"
     foreign.mkdir()
     (foreign / "README.md").write_text("mine")
@@ -106,19 +117,19 @@ def test_export_never_overwrites_foreign_files(tied_run, tmp_path):
     assert proc.returncode == 2 and "not an earlier heft export" in proc.stderr
     assert [p.name for p in foreign.iterdir()] == ["README.md"]
     out = tmp_path / "export"
-    run_heft(["export-hf", str(tied_run), str(out)])
+    out.mkdir()  # an empty directory is fine
+    run_heft(["export-hf", str(tied_run / "checkpoints" / "step_2"), str(out)])
     run_heft(["export-hf", str(tied_run / "checkpoints" / "step_2"), str(out)])  # replaces its own
     assert (out / "model.safetensors").is_file() and not (tmp_path / "export.old").exists()
 
 
 @pytest.mark.slow
-def test_generate_matches_transformers_greedy(tied_run, tmp_path, in_process_model):
+def test_generate_matches_transformers_greedy(tied_run, tied_export, in_process_model):
     from transformers import AutoModelForCausalLM
 
     from heft.launcher.generate import Sampling, continue_tokens
 
-    out = tmp_path / "export"
-    run_heft(["export-hf", str(tied_run), str(out)])
+    out = tied_export
     heft = in_process_model(tied_run)
     prompt = heft.tokenizer.encode("import os\n")
     ours = list(continue_tokens(heft, prompt, Sampling(max_new_tokens=12), stop_at_eos=False))
@@ -196,9 +207,8 @@ def _local_tasks(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_lm_eval_scores_heft_checkpoint_as_its_hf_export(tied_run, tmp_path):
-    export = tmp_path / "export"
-    run_heft(["export-hf", str(tied_run), str(export)])
+def test_lm_eval_scores_heft_checkpoint_as_its_hf_export(tied_run, tied_export, tmp_path):
+    export = tied_export
     env = {**heft_env(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     proc = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(_local_tasks(tmp_path / "tasks")),
                            str(tied_run), str(export)], cwd=tmp_path, env=env, capture_output=True,
@@ -212,6 +222,14 @@ def test_lm_eval_scores_heft_checkpoint_as_its_hf_export(tied_run, tmp_path):
             assert score == pytest.approx(results["hf"][task][metric], rel=1e-4), (task, metric)
     assert 0 <= results["heft"]["heft_mc"]["acc,none"] <= 1
     assert results["heft"]["heft_ppl"]["bits_per_byte,none"] > 0
+    # The command line: lm-eval's own, with the model 'heft' registered.
+    proc = subprocess.run([sys.executable, "-m", "heft.launcher.cli", "lm-eval", "--model", "heft",
+                           "--model_args", f"checkpoint={tied_run}", "--tasks", "heft_mc",
+                           "--include_path", str(tmp_path / "tasks"), "--limit", "3"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "heft_mc" in proc.stdout and "acc" in proc.stdout
 
 
 def _random_hf_llama(directory: Path, tie: bool) -> None:
