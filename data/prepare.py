@@ -1,134 +1,372 @@
-"""``heft prepare``: tokenize raw documents per domain, pack them, write one MDS dataset per domain.
+"""``heft prepare``: tokenize documents per domain, pack them, write one MDS dataset per domain and split.
 
 Layout of a prepared directory::
 
-    OUT/manifest.json            domains, sample and token counts, sequence length, tokenizer
-    OUT/tokenizer.json           the trained BPE (BPE only)
+    OUT/manifest.json            written last: domains, sample/token counts, sequence length, tokenizer
+    OUT/tokenizer.json           the BPE or existing tokenizer (not for the byte tokenizer)
     OUT/<domain>/train/          MDS shards (mosaicml-streaming) of packed sequences
     OUT/<domain>/val/            held-out packed sequences of the same domain
 
-Packing: the documents of a domain are joined, each followed by EOS, and cut into samples of
-``seq_length + 1`` tokens (inputs and shifted labels come from the same sample); the ragged tail is
-dropped. Each sample carries its domain id and its index within the domain's split.
+Streaming: documents flow from the inputs (``data/sources.py``) in batches through the tokenizer
+(in ``workers`` processes, results taken in order, so the output does not depend on their number)
+into per-split packers that write each finished sample to its MDS writer: memory is bounded by the
+batches in flight, not the corpus. Packing joins a split's documents, each followed by EOS, and cuts
+samples of ``seq_length + 1`` tokens; the ragged tail is dropped. Each document goes wholly to
+``val`` or ``train`` by a stable hash of its text, so no held-out document is trained on.
+
+Safety: the dataset is built in ``OUT.partial`` and swapped in only when complete (the manifest,
+written last and atomically, is what training looks for). An existing OUT is replaced only if it
+is an earlier heft dataset holding nothing but heft's files; anything else is refused untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from heft.data.config import DataConfigError
-from heft.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from heft.data.sources import BadRecord, ReadOptions, Record, expand, read_records
+from heft.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_existing, load_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "heft-prepared/1"
 COLUMNS = {"tokens": "ndarray", "domain": "int", "index": "int"}
+PARTIAL = ".partial"
+PARTIAL_MARKER = ".heft-prepare-partial"
 
 
-def read_documents(paths: Iterable[Path]) -> list[str]:
-    """Documents from .txt files (one file, one document) and .jsonl files (a ``text`` per line).
-    A directory contributes its .txt/.jsonl files, recursively, in sorted order."""
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"input {path} does not exist")
-    docs: list[str] = []
-    for file in files:
-        if file.suffix == ".jsonl":
-            for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if "text" not in record:
-                        raise ValueError(f"{file}:{n}: a jsonl record needs a 'text' field")
-                    docs.append(record["text"])
-        else:
-            docs.append(file.read_text(encoding="utf-8"))
-    return docs
+@dataclass
+class PrepareOptions:
+    tokenizer: str = "byte"
+    """byte, bpe (trained on a sample of the corpus), or a tokenizer.json / HF tokenizer directory."""
+    seq_length: int = 128
+    bpe_vocab_size: int = 4096
+    val_fraction: float = 0.02
+    """Share of documents held out (chosen by a hash of each document's text)."""
+    workers: int = 0
+    """Tokenizer processes; 0: one per core. The output is the same for any number."""
+    bpe_sample_bytes: int = 200 << 20
+    """Text the BPE is trained on at most (the first documents of each domain, in equal parts)."""
+    batch_bytes: int = 4 << 20
+    """Text per tokenizer batch; memory holds about 2 x workers such batches."""
+    read: ReadOptions = field(default_factory=ReadOptions)
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.seq_length < 1:
+            raise ValueError(f"--seq-length must be >= 1, got {self.seq_length}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0: all cores), got {self.workers}")
 
 
-def pack(documents: Iterable[str], tokenizer: Tokenizer, seq_length: int) -> np.ndarray:
-    """Join documents with EOS and cut into [n, seq_length + 1] samples (the tail is dropped)."""
-    stream: list[int] = []
-    for doc in documents:
-        stream.extend(tokenizer.encode(doc))
-        stream.append(tokenizer.eos_id)
-    width = seq_length + 1
-    n = len(stream) // width
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    return np.asarray(stream[: n * width], dtype=dtype).reshape(n, width)
+# --- output directory safety ------------------------------------------------------------------------
+
+def _is_heft_dataset(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
-def _write_split(directory: Path, samples: np.ndarray, domain_id: int) -> None:
-    from streaming import MDSWriter
+def check_output(out: Path) -> None:
+    """Refuse an OUT heft may not replace: anything but absent, empty, or an earlier heft dataset
+    holding only heft's files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a directory path")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    if not _is_heft_dataset(out):
+        raise FileExistsError(f"--out {out} holds files that are not a heft dataset (no {MANIFEST} of "
+                              f"format {FORMAT}); heft never deletes other files: choose a new --out")
+    manifest = json.loads((out / MANIFEST).read_text())
+    own = {MANIFEST, manifest["tokenizer"].get("file")} | {d["name"] for d in manifest["domains"]}
+    foreign = sorted(entries - own)
+    if foreign:
+        raise FileExistsError(f"--out {out} is a heft dataset but also holds {', '.join(foreign[:5])}, "
+                              f"which heft did not write; move them away or choose a new --out")
 
-    with MDSWriter(out=str(directory), columns=COLUMNS, size_limit=1 << 24, progress_bar=False) as w:
-        for index, sample in enumerate(samples):
-            w.write({"tokens": sample, "domain": domain_id, "index": index})
+
+def _start_partial(out: Path) -> Path:
+    partial = out.with_name(out.name + PARTIAL)
+    if partial.exists():
+        if not (partial / PARTIAL_MARKER).is_file():
+            raise FileExistsError(f"{partial} exists and is not heft's; move it away")
+        shutil.rmtree(partial)  # an interrupted prepare of this OUT: start clean
+    partial.mkdir(parents=True)
+    (partial / PARTIAL_MARKER).write_text("being written by heft prepare; never read\n")
+    return partial
 
 
-def prepare(
-    domains: dict[str, list[str]],
-    out: Path,
-    tokenizer: str = "byte",
-    seq_length: int = 128,
-    bpe_vocab_size: int = 4096,
-    val_fraction: float = 0.02,
-) -> dict:
-    """Tokenize, pack and write ``domains`` (name -> documents) to ``out``. Returns the manifest."""
+def swap_in(partial: Path, out: Path) -> None:
+    """Replace ``out`` (absent, empty, or heft's own earlier output) with the complete ``partial``."""
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- tokenizing in worker processes ------------------------------------------------------------------
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(directory: str, spec: dict) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    _worker_tokenizer = load_tokenizer(Path(directory), spec)
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    dtype = _token_dtype(_worker_tokenizer.vocab_size)
+    return [np.asarray(ids, dtype=dtype) for ids in _worker_tokenizer.encode_batch(texts)]
+
+
+def _token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def _batches(records: Iterator[tuple[str, Record]], batch_bytes: int) -> Iterator[list[tuple[str, Record]]]:
+    batch, size = [], 0
+    for item in records:
+        batch.append(item)
+        size += len(item[1].text)
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _tokenized(records, tokenizer_dir: Path, spec: dict, workers: int, batch_bytes: int):
+    """(domain, record, token ids) in input order; at most 2 x workers batches in flight."""
+    if workers <= 1:
+        _init_worker(str(tokenizer_dir), spec)
+        for batch in _batches(records, batch_bytes):
+            yield from ((d, r, ids) for (d, r), ids in zip(batch, _encode([r.text for _, r in batch])))
+        return
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), spec)) as pool:
+        pending = []
+        for batch in _batches(records, batch_bytes):
+            pending.append((batch, pool.submit(_encode, [r.text for _, r in batch])))
+            if len(pending) >= 2 * workers:
+                done, future = pending.pop(0)
+                yield from ((d, r, ids) for (d, r), ids in zip(done, future.result()))
+        for done, future in pending:
+            yield from ((d, r, ids) for (d, r), ids in zip(done, future.result()))
+
+
+# --- packing and writing ------------------------------------------------------------------------------
+
+def is_held_out(text: str, val_fraction: float) -> bool:
+    """A stable per-document draw: the same document is held out in every prepare."""
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64 < val_fraction
+
+
+class SplitWriter:
+    """Packs one split of one domain and writes each finished sample to its MDS shards."""
+
+    def __init__(self, directory: Path, domain_id: int, width: int, eos_id: int, dtype):
+        self.directory, self.domain_id, self.width = directory, domain_id, width
+        self.eos = np.asarray([eos_id], dtype=dtype)
+        self.pending = np.zeros(0, dtype=dtype)
+        self.samples = self.documents = 0
+        self.writer = None
+
+    def add(self, ids: np.ndarray) -> None:
+        self.documents += 1
+        stream = np.concatenate([self.pending, ids, self.eos])
+        whole = len(stream) // self.width
+        if whole:
+            if self.writer is None:
+                from streaming import MDSWriter
+
+                self.writer = MDSWriter(out=str(self.directory), columns=COLUMNS, size_limit=1 << 24,
+                                        progress_bar=False)
+            for row in stream[:whole * self.width].reshape(whole, self.width):
+                self.writer.write({"tokens": row, "domain": self.domain_id, "index": self.samples})
+                self.samples += 1
+        self.pending = stream[whole * self.width:]
+
+    def close(self) -> dict:
+        if self.writer is not None:
+            self.writer.finish()
+        return {"samples": self.samples, "tokens": self.samples * self.width, "documents": self.documents}
+
+
+class Progress:
+    """A bar on a terminal; a plain line every 30 s otherwise (logs, CI)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.tty = enabled, sys.stderr.isatty()
+        self.docs = self.tokens = self.bytes = 0
+        self.start = self.last_line = time.monotonic()
+        self.bar = None
+        if enabled and self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit="B", unit_scale=True, desc="heft prepare", leave=False)
+
+    def add(self, nbytes: int, ntokens: int) -> None:
+        self.docs, self.tokens, self.bytes = self.docs + 1, self.tokens + ntokens, self.bytes + nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            if self.docs % 1000 == 0:
+                self.bar.set_postfix(docs=self.docs, tokens=self.tokens)
+        elif self.enabled and time.monotonic() - self.last_line > 30:
+            self.last_line = time.monotonic()
+            print(f"heft prepare: {self.line()}", file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        seconds = max(time.monotonic() - self.start, 1e-9)
+        return (f"{self.docs:,} documents, {self.tokens:,} tokens, {self.bytes / 1e6:,.1f} MB in "
+                f"{seconds:.0f} s ({self.bytes / 1e6 / seconds:.1f} MB/s)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --- the whole preparation ------------------------------------------------------------------------------
+
+def _make_tokenizer(options: PrepareOptions, sample: Iterable[str], directory: Path) -> tuple[Tokenizer, dict]:
+    if options.tokenizer == "byte":
+        tok: Tokenizer = ByteTokenizer()
+    elif options.tokenizer == "bpe":
+        tok = BPETokenizer.train(sample, options.bpe_vocab_size)
+    else:
+        tok = load_existing(options.tokenizer)
+    return tok, tok.save(directory)
+
+
+def _bpe_sample(streams: dict, budget: int) -> Iterator[str]:
+    """The first documents of each domain's stream, ``budget`` bytes in equal parts."""
+    share = budget // max(len(streams), 1)
+    for make in streams.values():
+        taken = 0
+        for _, record in make():
+            if taken >= share:
+                break
+            taken += len(record.text)
+            yield record.text
+
+
+def build(streams: dict, out: Path, options: PrepareOptions) -> dict:
+    """Write a dataset from ``streams``: name -> callable giving (domain, Record) pairs (a name
+    whose records carry their own domain yields many domains). Returns the manifest."""
+    options.check()
+    out = Path(out)
+    check_output(out)
+    partial = _start_partial(out)
+    try:
+        manifest = _write(streams, partial, options)
+        (partial / PARTIAL_MARKER).unlink()
+        tmp = partial / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, partial / MANIFEST)  # last: a dataset without it is never read
+        swap_in(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write(streams: dict, directory: Path, options: PrepareOptions) -> dict:
+    sample = _bpe_sample(streams, options.bpe_sample_bytes) if options.tokenizer == "bpe" else ()
+    tok, spec = _make_tokenizer(options, sample, directory)
+    width, dtype = options.seq_length + 1, _token_dtype(tok.vocab_size)
+    workers = options.workers or os.cpu_count() or 1
+    writers: dict[str, dict[str, SplitWriter]] = {}
+    progress = Progress(options.progress)
+
+    def records():
+        for make in streams.values():
+            yield from make()
+
+    try:
+        for domain, record, ids in _tokenized(records(), directory, spec, workers, options.batch_bytes):
+            if domain not in writers:
+                domain_id = len(writers)
+                writers[domain] = {s: SplitWriter(directory / domain / s, domain_id, width, tok.eos_id, dtype)
+                                   for s in ("train", "val")}
+            split = "val" if is_held_out(record.text, options.val_fraction) else "train"
+            writers[domain][split].add(ids)
+            progress.add(record.nbytes or len(record.text), len(ids) + 1)
+    finally:
+        progress.close()
+    if not writers:
+        raise DataConfigError("the inputs hold no documents")
+    domains = []
+    for name, splits in writers.items():
+        counts = {s: w.close() for s, w in splits.items()}
+        if counts["train"]["samples"] < 1:
+            raise DataConfigError(f"domain {name!r} yields no training sample of {width} tokens; give it "
+                                  f"more text or lower --seq-length")
+        domains.append({"name": name, "id": splits["train"].domain_id,
+                        "documents": counts["train"]["documents"] + counts["val"]["documents"],
+                        **{s: {"samples": c["samples"], "tokens": c["tokens"], "documents": c["documents"]}
+                           for s, c in counts.items()}})
+    manifest = {"format": FORMAT, "seq_length": options.seq_length, "tokenizer": spec, "domains": domains,
+                "val_fraction": options.val_fraction, "split": "by document (blake2b of the text)",
+                "skipped_records": dict(options.read.skipped), "input_bytes": progress.bytes}
+    return manifest
+
+
+def prepare(domains: dict[str, list[str]], out: Path, tokenizer: str = "byte", seq_length: int = 128,
+            bpe_vocab_size: int = 4096, val_fraction: float = 0.02, workers: int = 1) -> dict:
+    """Prepare in-memory documents (name -> documents): the demo corpus and tests."""
     if not domains:
         raise ValueError("no domains to prepare")
-    out = Path(out)
-    if out.exists():
-        if not (out / MANIFEST).is_file():
-            raise FileExistsError(
-                f"{out} exists and is not a heft-prepared directory; choose an empty output path"
-            )
-        shutil.rmtree(out)  # only ever replaces an earlier `heft prepare` output
-    out.mkdir(parents=True)
 
-    if tokenizer == "byte":
-        tok: Tokenizer = ByteTokenizer()
-    elif tokenizer == "bpe":
-        tok = BPETokenizer.train((d for docs in domains.values() for d in docs), bpe_vocab_size)
-    else:
-        raise ValueError(f"unknown tokenizer {tokenizer!r}; choose byte or bpe")
+    def stream(name, docs):
+        return lambda: ((name, Record(d, None, len(d))) for d in docs)
 
-    manifest = {"format": FORMAT, "seq_length": seq_length, "tokenizer": tok.save(out), "domains": []}
-    for domain_id, (name, docs) in enumerate(domains.items()):
-        samples = pack(docs, tok, seq_length)
-        n_val = max(1, int(round(len(samples) * val_fraction))) if len(samples) > 1 else 0
-        if len(samples) - n_val < 1:
-            raise ValueError(
-                f"domain {name!r} yields {len(samples)} samples of {seq_length + 1} tokens; "
-                f"give it more text or lower --seq-length"
-            )
-        splits = {"train": samples[: len(samples) - n_val], "val": samples[len(samples) - n_val:]}
-        for split, rows in splits.items():
-            if len(rows):
-                _write_split(out / name / split, rows, domain_id)
-        manifest["domains"].append({
-            "name": name,
-            "id": domain_id,
-            "documents": len(docs),
-            **{split: {"samples": int(len(rows)), "tokens": int(rows.size)} for split, rows in splits.items()},
-        })
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    options = PrepareOptions(tokenizer=tokenizer, seq_length=seq_length, bpe_vocab_size=bpe_vocab_size,
+                             val_fraction=val_fraction, workers=workers, progress=False)
+    return build({name: stream(name, docs) for name, docs in domains.items()}, out, options)
+
+
+def prepare_files(domains: dict[str, list[str]], out: Path, options: PrepareOptions) -> dict:
+    """Prepare input files: domain name -> files/directories/globs. With ``options.read.domain_field``
+    the names only group inputs; each record's field names its domain."""
+    expanded = {name: expand(paths) for name, paths in domains.items()}
+
+    def stream(name, files):
+        def records():
+            for file in files:
+                for record in read_records(file, options.read):
+                    yield (record.domain if options.read.domain_field else name), record
+        return records
+
+    return build({name: stream(name, files) for name, files in expanded.items()}, out, options)
 
 
 def load_manifest(path: str | Path) -> dict:
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
+        partial = Path(path).with_name(Path(path).name + PARTIAL)
+        hint = f" ({partial} is an interrupted heft prepare: run it again)" if partial.exists() else ""
         raise FileNotFoundError(
-            f"{manifest_path} not found: {path} is not a prepared dataset; run "
+            f"{manifest_path} not found: {path} is not a prepared dataset{hint}; run "
             f"`heft prepare --demo {path}` or `heft prepare --domain NAME=FILES --out {path}`"
         )
     try:
@@ -145,3 +383,7 @@ def load_manifest(path: str | Path) -> dict:
         raise DataConfigError(f"{manifest_path} is corrupt ({type(exc).__name__}: {exc}); re-run heft "
                               f"prepare for {path}") from None
     return manifest
+
+
+__all__ = ["BadRecord", "PrepareOptions", "build", "check_output", "load_manifest", "prepare",
+           "prepare_files", "swap_in"]

@@ -1,7 +1,15 @@
-"""Tokenizers heft can prepare data with: raw bytes (no files needed) or a BPE trained on the corpus."""
+"""Tokenizers heft can prepare data with: raw bytes (no files needed), a BPE trained on the corpus,
+or an existing Hugging Face tokenizer (a ``tokenizer.json``, e.g. Llama's, GPT-2's, NeoX's).
+
+heft appends the end-of-document token after every document and adds no BOS: the manifest says so
+(``eos_after_document``, ``bos_id``), and records the tokenizer's ``sha256`` so a checkpoint can tell
+data tokenized another way.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -31,8 +39,13 @@ class ByteTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
     def save(self, directory: Path) -> dict:
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "bos_id": None, "eos_after_document": True,
+                "sha256": hashlib.sha256(b"heft-byte-tokenizer/1").hexdigest()}
 
 
 class BPETokenizer:
@@ -41,10 +54,11 @@ class BPETokenizer:
     kind = "bpe"
     FILE = "tokenizer.json"
 
-    def __init__(self, backend):
+    def __init__(self, backend, eos_id: int | None = None, kind: str = "bpe"):
         self._tok = backend
-        self.eos_id = backend.token_to_id(EOS_TEXT)
-        self.vocab_size = backend.get_vocab_size()
+        self.kind = kind
+        self.eos_id = backend.token_to_id(EOS_TEXT) if eos_id is None else eos_id
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
@@ -64,29 +78,66 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: Path) -> "BPETokenizer":
+    def load(cls, path: Path, eos_id: int | None = None, kind: str = "bpe") -> "BPETokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_file(str(path)))
+        return cls(HFTokenizer.from_file(str(path)), eos_id, kind)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([i for i in ids if i != self.eos_id], skip_special_tokens=False)
 
     def save(self, directory: Path) -> dict:
-        self._tok.save(str(directory / self.FILE))
+        path = directory / self.FILE
+        self._tok.save(str(path))
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
-                "file": self.FILE}
+                "bos_id": None, "eos_after_document": True, "file": self.FILE,
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+# Names of the end-of-document token in widespread tokenizers, tried in this order.
+EOS_CANDIDATES = (EOS_TEXT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+
+
+def load_existing(path: str | Path) -> BPETokenizer:
+    """An existing Hugging Face tokenizer: a ``tokenizer.json`` or a directory holding one (its
+    ``tokenizer_config.json`` names the EOS token; otherwise a well-known EOS name is looked up)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.json there; give byte, bpe, a "
+                                f"tokenizer.json or a Hugging Face tokenizer directory")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        backend = HFTokenizer.from_file(str(file))
+    except Exception as exc:
+        raise ValueError(f"--tokenizer {file} is not a Hugging Face tokenizer.json ({exc})") from None
+    names = list(EOS_CANDIDATES)
+    config = file.parent / "tokenizer_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if eos:
+            names.insert(0, eos)
+    for name in names:
+        if backend.token_to_id(name) is not None:
+            return BPETokenizer(backend, backend.token_to_id(name), kind="hf")
+    raise ValueError(f"--tokenizer {file} has none of the end-of-document tokens {', '.join(EOS_CANDIDATES)}; "
+                     f"add an eos_token to its tokenizer_config.json")
 
 
 def load_tokenizer(data_dir: Path, spec: dict) -> Tokenizer:
     """The tokenizer a prepared dataset was written with (its manifest's ``tokenizer`` entry)."""
     if spec["kind"] == "byte":
         return ByteTokenizer()
-    if spec["kind"] == "bpe":
-        return BPETokenizer.load(Path(data_dir) / spec["file"])
+    if spec["kind"] in ("bpe", "hf"):
+        return BPETokenizer.load(Path(data_dir) / spec["file"], spec["eos_id"], spec["kind"])
     raise ValueError(f"unknown tokenizer kind {spec['kind']!r} in {data_dir}/manifest.json")
 
 

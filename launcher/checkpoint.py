@@ -280,6 +280,20 @@ def load_weights(chunks, path: Path, state: dict, model_cfg, vocab_size: int, te
         unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
 
 
+def _check_same_tokenizer(state: dict, data_path: str, path: Path) -> None:
+    """Data tokenized another way than the checkpoint's training data is another language to the
+    model, even at the same vocabulary size (the manifests' sha256 tell)."""
+    from heft.data.prepare import load_manifest
+
+    theirs = state.get("tokenizer", {}).get("sha256")
+    ours = load_manifest(data_path)["tokenizer"].get("sha256")
+    if theirs and ours and theirs != ours:
+        raise CheckpointError(
+            f"{path} was trained on data tokenized with another tokenizer (sha256 {theirs[:12]}...) "
+            f"than {data_path} ({ours[:12]}...); prepare the data with the checkpoint's tokenizer "
+            f"(its heft/ directory holds it: heft prepare --tokenizer {path / files.HEFT_DIR / 'tokenizer.json'})")
+
+
 def check_compatible(trainer, state: dict, path: Path) -> None:
     """A checkpoint of another model fails here, before any weight is touched."""
     if state.get("format") != FORMAT:
@@ -292,6 +306,7 @@ def check_compatible(trainer, state: dict, path: Path) -> None:
             f"{path} holds another model: {'; '.join(differ)}. Use the config the checkpoint was "
             f"trained with (its heft/state.json has it), or checkpoint.load=none with a new "
             f"train.run_dir to train this model from scratch")
+    _check_same_tokenizer(state, trainer.cfg.data.path, path)
     saved_data, data = state["config"]["data"], trainer.cfg.data
     # data.proportions and the mixture may change on resume: they steer the draws from here on.
     for key in ("num_canonical_nodes", "shuffle_seed"):

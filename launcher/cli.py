@@ -140,29 +140,51 @@ def _hold_stop_signals() -> list:
 
 
 def cmd_prepare(args) -> int:
-    from heft.data.prepare import prepare, read_documents
+    from heft.data.prepare import PrepareOptions, prepare, prepare_files
+    from heft.data.sources import BadRecord, ReadOptions
 
-    if bool(args.demo) == bool(args.domain):
-        raise UsageError("give either --demo OUT or one or more --domain NAME=PATH[,PATH] with --out")
-    if args.demo:
-        from heft.data.demo_corpus import demo_documents
+    sources = [bool(args.demo), bool(args.domain), bool(args.input)]
+    if sum(sources) != 1:
+        raise UsageError("give one of --demo OUT, --domain NAME=PATH[,PATH] ... --out OUT, or "
+                         "--input PATH ... --domain-field FIELD --out OUT")
+    if bool(args.input) != bool(args.domain_field):
+        raise UsageError("--input goes with --domain-field (each record names its domain); otherwise "
+                         "use --domain NAME=PATH")
+    options = PrepareOptions(tokenizer=args.tokenizer, seq_length=args.seq_length,
+                             bpe_vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                             workers=args.workers,
+                             read=ReadOptions(text_field=args.text_field, domain_field=args.domain_field,
+                                              skip_bad=args.skip_bad_records))
+    try:
+        options.check()
+        if args.demo:
+            from heft.data.demo_corpus import demo_documents
 
-        domains, out = demo_documents(), args.demo
-    else:
-        if not args.out:
-            raise UsageError("--domain needs --out DIR")
-        domains = {}
-        for spec in args.domain:
-            name, sep, paths = spec.partition("=")
-            if not sep or not name or not paths:
-                raise UsageError(f"--domain {spec!r} is not NAME=PATH[,PATH...]")
-            domains[name] = read_documents(paths.split(","))
-        out = args.out
-    manifest = prepare(domains, out, tokenizer=args.tokenizer, seq_length=args.seq_length,
-                       bpe_vocab_size=args.vocab_size, val_fraction=args.val_fraction)
+            out = args.demo
+            manifest = prepare(demo_documents(), out, tokenizer=args.tokenizer, seq_length=args.seq_length,
+                               bpe_vocab_size=args.vocab_size, val_fraction=args.val_fraction)
+        else:
+            if not args.out:
+                raise UsageError("--domain / --input need --out DIR")
+            out = args.out
+            domains: dict[str, list[str]] = {}
+            for spec in args.domain or []:
+                name, sep, paths = spec.partition("=")
+                if not sep or not name or not paths:
+                    raise UsageError(f"--domain {spec!r} is not NAME=PATH[,PATH...]")
+                domains.setdefault(name, []).extend(paths.split(","))
+            if args.input:
+                domains = {"inputs": list(args.input)}
+            manifest = prepare_files(domains, Path(out), options)
+    except (BadRecord, ValueError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(str(exc)) from None
     for d in manifest["domains"]:
         print(f"{d['name']:>12}: {d['documents']} documents -> {d['train']['samples']} train / "
               f"{d['val']['samples']} val samples of {manifest['seq_length'] + 1} tokens")
+    for reason, count in manifest.get("skipped_records", {}).items():
+        print(f"heft: skipped {count} record(s): {reason}")
     print(f"wrote {out} (tokenizer {manifest['tokenizer']['kind']}, vocab {manifest['tokenizer']['vocab_size']})")
     return 0
 
@@ -349,12 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="tokenize and pack text into per-domain MDS datasets")
     prep.add_argument("--demo", metavar="OUT", help="build the embedded demo corpus into OUT")
     prep.add_argument("--domain", action="append", metavar="NAME=PATH[,PATH]",
-                      help="a domain and its .txt/.jsonl files or directories (repeatable)")
-    prep.add_argument("--out", help="output directory (with --domain)")
-    prep.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
+                      help="a domain and its files, directories or globs of .txt, .jsonl, .jsonl.gz, "
+                      ".jsonl.zst, .parquet (repeatable)")
+    prep.add_argument("--input", action="append", metavar="PATH",
+                      help="with --domain-field: files, directories or globs whose records name their domain")
+    prep.add_argument("--domain-field", help="record field naming the domain, e.g. meta.redpajama_set_name")
+    prep.add_argument("--text-field", default="text", help="record field holding the text (default text)")
+    prep.add_argument("--out", help="output directory (new, empty, or an earlier heft dataset)")
+    prep.add_argument("--tokenizer", default="byte",
+                      help="byte, bpe (trained on the corpus), or a tokenizer.json / Hugging Face "
+                      "tokenizer directory (default byte)")
     prep.add_argument("--seq-length", type=int, default=128)
     prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
-    prep.add_argument("--val-fraction", type=float, default=0.02)
+    prep.add_argument("--val-fraction", type=float, default=0.02,
+                      help="share of documents held out, chosen by a hash of each document")
+    prep.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
+    prep.add_argument("--skip-bad-records", action="store_true",
+                      help="count and skip malformed records instead of stopping at the first")
     prep.set_defaults(func=cmd_prepare)
 
     show = sub.add_parser("config", help="print the resolved, validated config")

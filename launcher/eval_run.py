@@ -18,10 +18,6 @@ from pathlib import Path
 
 from heft.launcher import checkpoint_files as files
 
-ONE_PROCESS = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
-               "parallel.context=1", "parallel.data=null", "parallel.distributed_optimizer=false"]
-
-
 @dataclass
 class EvalPlan:
     checkpoint: Path
@@ -33,11 +29,11 @@ def plan(path: str, data: str | None, nproc: int | None, micro_batch_size: int |
          max_batches: int | None, overrides: list[str]) -> EvalPlan:
     """Check everything that needs no process; the one-line errors come from here."""
     from heft.launcher.config import ConfigError, config_from_dict, validate
-    from heft.launcher.inference import resolve_checkpoint
+    from heft.launcher.inference import UNSPLIT, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(path)
     state = files.verify(checkpoint)
-    extra = [*ONE_PROCESS, *overrides]
+    extra = [*UNSPLIT, *overrides]  # one process unless the overrides say otherwise
     if data:
         extra.append(f"data.path={data}")
     if micro_batch_size:
@@ -68,7 +64,7 @@ def _check_data(cfg, checkpoint: Path, state: dict) -> None:
     ours = checkpoint_tokenizer(checkpoint, state)
     theirs = load_tokenizer(Path(cfg.data.path), manifest["tokenizer"])
     if (ours.kind, ours.vocab_size) != (theirs.kind, theirs.vocab_size) or (
-            ours.kind == "bpe" and ours._tok.get_vocab(True) != theirs._tok.get_vocab(True)):
+            ours.kind != "byte" and ours._tok.get_vocab(True) != theirs._tok.get_vocab(True)):
         raise DataConfigError(f"{cfg.data.path} was tokenized with another tokenizer ({theirs.kind}, "
                               f"{theirs.vocab_size} tokens) than {checkpoint} ({ours.kind}, "
                               f"{ours.vocab_size} tokens); evaluate on data prepared with the model's tokenizer")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import dump_batches, run_heft
-from heft.data.prepare import load_manifest, prepare, read_documents
+from heft.data.prepare import load_manifest, prepare
 from heft.data.tokenizer import EOS_TEXT, load_tokenizer
 
 DOCS = {
@@ -34,20 +34,23 @@ def test_prepare_round_trips_text(tmp_path, kind):
     tok = load_tokenizer(out, manifest["tokenizer"])
     assert manifest["tokenizer"]["kind"] == kind
     for domain in manifest["domains"]:
-        name = domain["name"]
-        rows = np.concatenate([_read_split(out / name / s) for s in ("train", "val")])
-        assert rows.shape[1] == 17
-        assert rows.shape[0] == domain["train"]["samples"] + domain["val"]["samples"]
-        stream = rows.reshape(-1).tolist()
-        # Split the packed stream on EOS: every complete document comes back exactly.
-        docs, current = [], []
-        for token in stream:
-            if token == tok.eos_id:
-                docs.append(tok.decode(current))
-                current = []
-            else:
-                current.append(token)
-        assert docs == DOCS[name][: len(docs)] and len(docs) >= 1
+        name, complete = domain["name"], 0
+        for split in ("train", "val"):
+            if not domain[split]["samples"]:
+                continue
+            rows = _read_split(out / name / split)
+            assert rows.shape == (domain[split]["samples"], 17)
+            # Split the packed stream on EOS: every complete document comes back exactly, in order.
+            docs, current = [], []
+            for token in rows.reshape(-1).tolist():
+                if token == tok.eos_id:
+                    docs.append(tok.decode(current))
+                    current = []
+                else:
+                    current.append(token)
+            assert docs == [d for d in DOCS[name] if d in docs]  # all whole documents, in order
+            complete += len(docs)
+        assert complete >= 1
         assert tok.decode(tok.encode(DOCS[name][-1])) == DOCS[name][-1]
 
 
@@ -56,15 +59,6 @@ def test_bpe_tokenizer_is_saved_beside_data(tmp_path):
     manifest = load_manifest(tmp_path / "d")
     assert (tmp_path / "d" / manifest["tokenizer"]["file"]).is_file()
     assert load_tokenizer(tmp_path / "d", manifest["tokenizer"]).encode(EOS_TEXT) == [manifest["tokenizer"]["eos_id"]]
-
-
-def test_read_documents_txt_jsonl_and_dirs(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "1.txt").write_text("one")
-    (tmp_path / "a" / "2.jsonl").write_text(json.dumps({"text": "two"}) + "\n" + json.dumps({"text": "three"}) + "\n")
-    assert read_documents([tmp_path / "a"]) == ["one", "two", "three"]
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        read_documents([tmp_path / "missing.txt"])
 
 
 def test_cli_prepare_from_files(tmp_path):

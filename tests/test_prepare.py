@@ -1,0 +1,184 @@
+"""heft prepare at scale: data safety, input formats, tokenizers, document-level val split,
+determinism over worker counts, bad input. Peak memory on a 1 GB corpus: benchmarks/prepare_throughput.py."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_heft
+from heft.data.prepare import PrepareOptions, load_manifest, prepare, prepare_files
+from heft.data.sources import BadRecord, ReadOptions
+from heft.data.tokenizer import load_tokenizer
+
+DOCS = [f"Document {i}: " + "lorem ipsum dolor sit amet, ünïcödé " * (3 + i % 7) for i in range(60)]
+
+
+def _read_split(directory: Path) -> list[np.ndarray]:
+    from streaming import StreamingDataset
+
+    if not directory.exists():
+        return []
+    ds = StreamingDataset(local=str(directory), shuffle=False, batch_size=1)
+    return [ds[i]["tokens"] for i in range(len(ds))]
+
+
+def _documents(out: Path, domain: str, split: str) -> list[str]:
+    """The complete documents of a split, decoded from its packed samples."""
+    manifest = load_manifest(out)
+    tok = load_tokenizer(out, manifest["tokenizer"])
+    rows = _read_split(out / domain / split)
+    stream = np.concatenate(rows).tolist() if rows else []
+    docs, current, started = [], [], False
+    for token in stream:
+        if token == tok.eos_id:
+            if started:  # the first piece may be the tail of a document cut by the previous sample
+                docs.append(tok.decode(current))
+            started, current = True, []
+        else:
+            current.append(token)
+    return docs
+
+
+def _write_inputs(root: Path) -> dict[str, Path]:
+    """The same 60 documents in every input format heft reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    root.mkdir()
+    lines = "".join(json.dumps({"text": d, "meta": {"set": "a" if i % 3 else "b"}}) + "\n"
+                    for i, d in enumerate(DOCS)).encode()
+    (root / "docs.jsonl").write_bytes(lines)
+    (root / "docs.jsonl.gz").write_bytes(gzip.compress(lines))
+    (root / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.table({"text": DOCS}), root / "docs.parquet")
+    txt = root / "txt"
+    txt.mkdir()
+    for i, d in enumerate(DOCS):
+        (txt / f"{i:03d}.txt").write_text(d)
+    return {"jsonl": root / "docs.jsonl", "jsonl.gz": root / "docs.jsonl.gz",
+            "jsonl.zst": root / "docs.jsonl.zst", "parquet": root / "docs.parquet", "txt": txt}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    return _write_inputs(tmp_path_factory.mktemp("inputs") / "in")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet", "txt"])
+def test_every_input_format_round_trips(inputs, tmp_path, fmt):
+    out = tmp_path / "out"
+    manifest = prepare_files({"web": [str(inputs[fmt])]}, out, PrepareOptions(seq_length=32, val_fraction=0.2,
+                                                                              workers=1, progress=False))
+    assert manifest["domains"][0]["documents"] == len(DOCS)
+    train, val = _documents(out, "web", "train"), _documents(out, "web", "val")
+    assert train and val and set(train) | set(val) <= set(DOCS)
+    assert not set(train) & set(val)  # held out by document: no document in both splits
+    assert train == [d for d in DOCS if d in train]  # in input order
+
+
+@pytest.mark.parametrize("kind", ["bpe", "existing"])
+def test_tokenizers_round_trip_and_are_recorded(inputs, tmp_path, kind):
+    tokenizer = "bpe"
+    if kind == "existing":  # a tokenizer.json from elsewhere (here: a BPE trained on other text)
+        from heft.data.tokenizer import BPETokenizer
+
+        other = tmp_path / "other"
+        other.mkdir()
+        BPETokenizer.train(["some other corpus, quite different " * 40], 320)._tok.save(str(other / "tokenizer.json"))
+        tokenizer = str(other)
+    out = tmp_path / "out"
+    manifest = prepare_files({"web": [str(inputs["jsonl"])]}, out,
+                             PrepareOptions(tokenizer=tokenizer, bpe_vocab_size=400, seq_length=32,
+                                            val_fraction=0.2, workers=1, progress=False))
+    spec = manifest["tokenizer"]
+    assert spec["kind"] == ("bpe" if kind == "bpe" else "hf") and len(spec["sha256"]) == 64
+    assert spec["eos_after_document"] and spec["bos_id"] is None
+    assert set(_documents(out, "web", "train")) <= set(DOCS) and _documents(out, "web", "train")
+
+
+def test_domains_from_a_record_field(inputs, tmp_path):
+    out = tmp_path / "out"
+    options = PrepareOptions(seq_length=16, val_fraction=0.0, workers=1, progress=False,
+                             read=ReadOptions(domain_field="meta.set"))
+    manifest = prepare_files({"inputs": [str(inputs["jsonl.gz"])]}, out, options)
+    assert [d["name"] for d in manifest["domains"]] == ["b", "a"]  # in order of first appearance
+    assert [d["documents"] for d in manifest["domains"]] == [20, 40]
+    assert set(_documents(out, "b", "train")) <= {d for i, d in enumerate(DOCS) if i % 3 == 0}
+
+
+def test_output_is_the_same_for_any_number_of_workers(inputs, tmp_path):
+    def files(out: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare_files({"web": [str(inputs["jsonl"])], "txt": [str(inputs["txt"])]}, out,
+                      PrepareOptions(tokenizer="bpe", bpe_vocab_size=300, seq_length=16, workers=workers,
+                                     batch_bytes=2000, progress=False))  # many small batches in flight
+        outputs.append(files(out))
+    assert outputs[0] == outputs[1]
+
+
+def test_foreign_directories_are_never_deleted(tmp_path):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "README.md").write_text("mine")
+    (project / "manifest.json").write_text('{"name": "not heft"}')  # a foreign manifest.json
+    with pytest.raises(FileExistsError, match="not a heft dataset"):
+        prepare({"d": DOCS}, project, seq_length=16)
+    assert sorted(p.name for p in project.iterdir()) == ["README.md", "manifest.json", "src"]
+
+    data = tmp_path / "data"
+    prepare({"d": DOCS}, data, seq_length=16)
+    (data / "notes.txt").write_text("my notes")  # a user's file inside an earlier dataset
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        prepare({"d": DOCS}, data, seq_length=16)
+    assert (data / "notes.txt").read_text() == "my notes"
+
+
+def test_a_failing_reprepare_keeps_the_previous_dataset(tmp_path):
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    out = tmp_path / "data"
+    prepare_files({"web": [str(src)]}, out, PrepareOptions(seq_length=16, workers=1, progress=False))
+    before = load_manifest(out)
+    src.write_text(src.read_text() + '{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(BadRecord, match=r"src.jsonl:62: not valid JSON"):
+        prepare_files({"web": [str(src)]}, out, PrepareOptions(seq_length=16, workers=1, progress=False))
+    assert load_manifest(out) == before and _read_split(out / "web" / "train")
+    assert not (tmp_path / "data.partial").exists()
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b'{"text": broken', "not valid JSON"),
+    (b'{"body": "no text field"}', "no 'text' field"),
+    (b'{"text": 42}', "'text' is a int, not a string"),
+    (b'\xff\xfe\x00binary junk\n', "not UTF-8"),
+    (b'["a", "list"]', "a record must be a JSON object"),
+])
+def test_bad_records_name_file_and_line_or_are_counted(tmp_path, line, reason):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "' + b"good " * 40 + b'"}\n' + line + b"\n" + b'{"text": "' + b"more " * 40 + b'"}\n')
+    options = PrepareOptions(seq_length=16, val_fraction=0.0, workers=1, progress=False)
+    with pytest.raises(BadRecord, match=f"in.jsonl:2: {reason}"):
+        prepare_files({"web": [str(src)]}, tmp_path / "out", options)
+    options.read.skip_bad = True
+    manifest = prepare_files({"web": [str(src)]}, tmp_path / "out", options)
+    assert manifest["domains"][0]["documents"] == 2 and sum(manifest["skipped_records"].values()) == 1
+
+
+def test_cli_prepare_reports_bad_input_in_one_line(tmp_path):
+    src = tmp_path / "in.jsonl.gz"
+    src.write_bytes(gzip.compress(b'{"text": "ok"}\n')[:-6])  # truncated
+    proc = run_heft(["prepare", "--domain", f"web={src}", "--out", str(tmp_path / "out")], check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "damaged or truncated" in proc.stderr and not (tmp_path / "out").exists()
+    proc = run_heft(["prepare", "--domain", f"web={tmp_path}/*.none", "--out", str(tmp_path / "out")], check=False)
+    assert proc.returncode == 2 and "matches no file" in proc.stderr
