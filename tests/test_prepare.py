@@ -182,3 +182,15 @@ def test_cli_prepare_reports_bad_input_in_one_line(tmp_path):
     assert "damaged or truncated" in proc.stderr and not (tmp_path / "out").exists()
     proc = run_heft(["prepare", "--domain", f"web={tmp_path}/*.none", "--out", str(tmp_path / "out")], check=False)
     assert proc.returncode == 2 and "matches no file" in proc.stderr
+
+
+def test_resume_refuses_data_tokenized_another_way(tmp_path):
+    from heft.launcher.checkpoint import _check_same_tokenizer
+    from heft.launcher.checkpoint_files import CheckpointError
+
+    data = tmp_path / "data"
+    manifest = prepare({"d": DOCS}, data, tokenizer="bpe", bpe_vocab_size=300, seq_length=16)
+    _check_same_tokenizer({"tokenizer": manifest["tokenizer"]}, str(data), tmp_path / "step_1")  # same: fine
+    other = dict(manifest["tokenizer"], sha256="0" * 64)
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        _check_same_tokenizer({"tokenizer": other}, str(data), tmp_path / "step_1")
