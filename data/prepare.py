@@ -290,6 +290,13 @@ def build(streams: dict, out: Path, options: PrepareOptions) -> dict:
     return manifest
 
 
+def _check_domain_name(name: str) -> None:
+    """A domain is a directory under OUT: a field value must not leave it or hide in it."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0") or name in (MANIFEST, "tokenizer.json"):
+        raise DataConfigError(f"domain name {name!r} cannot be a directory name under --out; domain names "
+                              f"must not be empty, start with '.', or contain '/'")
+
+
 def _write(streams: dict, directory: Path, options: PrepareOptions) -> dict:
     sample = _bpe_sample(streams, options.bpe_sample_bytes) if options.tokenizer == "bpe" else ()
     tok, spec = _make_tokenizer(options, sample, directory)
@@ -305,6 +312,7 @@ def _write(streams: dict, directory: Path, options: PrepareOptions) -> dict:
     try:
         for domain, record, ids in _tokenized(records(), directory, spec, workers, options.batch_bytes):
             if domain not in writers:
+                _check_domain_name(domain)
                 domain_id = len(writers)
                 writers[domain] = {s: SplitWriter(directory / domain / s, domain_id, width, tok.eos_id, dtype)
                                    for s in ("train", "val")}

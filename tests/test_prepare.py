@@ -194,3 +194,12 @@ def test_resume_refuses_data_tokenized_another_way(tmp_path):
     other = dict(manifest["tokenizer"], sha256="0" * 64)
     with pytest.raises(CheckpointError, match="another tokenizer"):
         _check_same_tokenizer({"tokenizer": other}, str(data), tmp_path / "step_1")
+
+
+def test_a_domain_field_cannot_write_outside_out(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "x " * 200, "set": "../escape"}) + "\n")
+    options = PrepareOptions(seq_length=16, workers=1, progress=False, read=ReadOptions(domain_field="set"))
+    with pytest.raises(ValueError, match="cannot be a directory name"):
+        prepare_files({"inputs": [str(src)]}, tmp_path / "out", options)
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "out").exists()
