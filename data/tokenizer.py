@@ -182,8 +182,9 @@ def to_transformers(tokenizer: Tokenizer, max_length: int):
     from transformers import PreTrainedTokenizerFast
 
     backend = byte_tokenizer_backend() if tokenizer.kind == "byte" else tokenizer._tok
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TEXT, bos_token=EOS_TEXT,
-                                   unk_token=None, pad_token=EOS_TEXT, model_max_length=max_length,
+    eos = backend.id_to_token(tokenizer.eos_id)  # <|endoftext|>, or an existing tokenizer's own
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, bos_token=eos,
+                                   unk_token=None, pad_token=eos, model_max_length=max_length,
                                    clean_up_tokenization_spaces=False)
 
 
