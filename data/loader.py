@@ -76,6 +76,16 @@ def check_sequence_length(manifest: dict, seq_length: int, path: str) -> None:
         )
 
 
+def check_has_validation(manifest: dict, path: str) -> None:
+    """Evaluation needs held-out samples; a dataset prepared with --val-fraction 0 (or of single
+    documents, which the document-level split keeps whole) may have none."""
+    if not any(d["val"]["samples"] for d in manifest["domains"]):
+        raise DataConfigError(
+            f"{path} has no validation samples, but train.eval_interval or train.eval_at_end asks for "
+            f"evaluation; re-run heft prepare with --val-fraction > 0 (and more than one document per "
+            f"domain), or set train.eval_interval=0 train.eval_at_end=false")
+
+
 def validation_batches(path: str, micro_batch_size: int, replication: int,
                        max_microbatches: int | None = None) -> list[Batch]:
     """This replica's share of every domain's held-out split, in fixed order, as microbatches.

@@ -47,6 +47,10 @@ def _check_before_launch(cfg) -> str | None:
     weights = domain_proportions(manifest, cfg.data.proportions)
     check_enough_samples(manifest, weights, cfg.train.global_batch_size, cfg.data.path)
     check_mixture(cfg.mixture, [d["name"] for d in manifest["domains"]], cfg.data.path)
+    if cfg.train.eval_interval or cfg.train.eval_at_end:
+        from heft.data.loader import check_has_validation
+
+        check_has_validation(manifest, cfg.data.path)
     if cfg.checkpoint.init_hf:
         from heft.data.tokenizer import load_tokenizer
         from heft.model.hf_import import HFImportError, check_fits

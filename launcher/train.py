@@ -138,7 +138,8 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     from megatron.core.utils import get_model_config
 
     from heft.data.controllers import check_mixture
-    from heft.data.loader import check_sequence_length, domain_proportions, validation_batches
+    from heft.data.loader import (check_has_validation, check_sequence_length, domain_proportions,
+                                  validation_batches)
     from heft.data.verify import check_enough_samples, verify_dataset
     from heft.launcher.evaluate import Evaluator
     from heft.launcher import checkpoint
@@ -173,6 +174,7 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     forward_backward = get_forward_backward_func()
     evaluator = None
     if t.eval_interval or t.eval_at_end:
+        check_has_validation(manifest, cfg.data.path)
         evaluator = Evaluator(
             validation_batches(cfg.data.path, t.micro_batch_size, cfg.parallel.model_parallel_size(),
                                t.eval_max_microbatches),

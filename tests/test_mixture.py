@@ -174,7 +174,8 @@ def test_exhausted_domain_reshuffles_or_stops(tmp_path):
     from heft.data.prepare import prepare
 
     data = tmp_path / "data"
-    prepare({"big": ["x" * 4000], "tiny": ["y" * 300]}, data, tokenizer="byte", seq_length=16, val_fraction=0.0)
+    # tiny: 271 bytes + EOS = 16 samples of 17 tokens, two whole batches of 8
+    prepare({"big": ["x" * 4000], "tiny": ["y" * 271]}, data, tokenizer="byte", seq_length=16, val_fraction=0.0)
     tiny_size = json.loads((data / "manifest.json").read_text())["domains"][1]["train"]["samples"]
     mixer = _mixer(data, weights={"big": 0.0, "tiny": 1.0})
     seen = [i for _ in range(2 * tiny_size // 8 + 1) for _, i in _ids(next(mixer))]
