@@ -207,7 +207,7 @@ def test_a_domain_field_cannot_write_outside_out(tmp_path):
 
 def test_evaluation_without_held_out_data_fails_before_launch(tmp_path, tiny_train_config):
     data = tmp_path / "data"
-    prepare({"code": DOCS, "docs": DOCS[::-1]}, data, seq_length=64, val_fraction=0.0)
+    prepare({"code": DOCS, "docs": DOCS[::-1], "legal": DOCS}, data, seq_length=64, val_fraction=0.0)
     proc = run_heft(["train", str(tiny_train_config), f"data.path={data}", "model.seq_length=64",
                      f"train.run_dir={tmp_path / 'run'}", "train.eval_at_end=true"], check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
