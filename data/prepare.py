@@ -27,7 +27,7 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -127,9 +127,13 @@ def swap_in(partial: Path, out: Path) -> None:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(directory: str, spec: dict) -> None:
+def _init_worker(directory: str, spec: dict, in_pool: bool = False) -> None:
     global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    if in_pool:  # Ctrl-C reaches the whole process group: the main process alone handles it
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
     _worker_tokenizer = load_tokenizer(Path(directory), spec)
 
 
@@ -155,21 +159,31 @@ def _batches(records: Iterator[tuple[str, Record]], batch_bytes: int) -> Iterato
 
 
 def _tokenized(records, tokenizer_dir: Path, spec: dict, workers: int, batch_bytes: int):
-    """(domain, record, token ids) in input order; at most 2 x workers batches in flight."""
+    """(domain, record, token ids) in input order; at most 2 x workers batches in flight. Closing
+    the generator (an error or Ctrl-C in the consumer) terminates the worker processes."""
     if workers <= 1:
         _init_worker(str(tokenizer_dir), spec)
         for batch in _batches(records, batch_bytes):
             yield from ((d, r, ids) for (d, r), ids in zip(batch, _encode([r.text for _, r in batch])))
         return
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), spec)) as pool:
-        pending = []
+    import multiprocessing
+
+    pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker,
+                                              initargs=(str(tokenizer_dir), spec, True))
+    try:
+        pending: deque = deque()
         for batch in _batches(records, batch_bytes):
-            pending.append((batch, pool.submit(_encode, [r.text for _, r in batch])))
+            pending.append((batch, pool.apply_async(_encode, ([r.text for _, r in batch],))))
             if len(pending) >= 2 * workers:
-                done, future = pending.pop(0)
-                yield from ((d, r, ids) for (d, r), ids in zip(done, future.result()))
-        for done, future in pending:
-            yield from ((d, r, ids) for (d, r), ids in zip(done, future.result()))
+                done, result = pending.popleft()
+                yield from ((d, r, ids) for (d, r), ids in zip(done, result.get()))
+        while pending:
+            done, result = pending.popleft()
+            yield from ((d, r, ids) for (d, r), ids in zip(done, result.get()))
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()  # a no-op after join; otherwise nothing is left running
 
 
 # --- packing and writing ------------------------------------------------------------------------------
@@ -309,8 +323,9 @@ def _write(streams: dict, directory: Path, options: PrepareOptions) -> dict:
         for make in streams.values():
             yield from make()
 
+    tokenized = _tokenized(records(), directory, spec, workers, options.batch_bytes)
     try:
-        for domain, record, ids in _tokenized(records(), directory, spec, workers, options.batch_bytes):
+        for domain, record, ids in tokenized:
             if domain not in writers:
                 _check_domain_name(domain)
                 domain_id = len(writers)
@@ -320,6 +335,7 @@ def _write(streams: dict, directory: Path, options: PrepareOptions) -> dict:
             writers[domain][split].add(ids)
             progress.add(record.nbytes or len(record.text), len(ids) + 1)
     finally:
+        tokenized.close()
         progress.close()
     if not writers:
         raise DataConfigError("the inputs hold no documents")
