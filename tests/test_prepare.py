@@ -212,3 +212,29 @@ def test_evaluation_without_held_out_data_fails_before_launch(tmp_path, tiny_tra
                      f"train.run_dir={tmp_path / 'run'}", "train.eval_at_end=true"], check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "no validation samples" in proc.stderr and "--val-fraction" in proc.stderr
+
+
+def test_ctrl_c_stops_prepare_and_leaves_nothing_half_written(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, heft_env
+
+    src = tmp_path / "big.jsonl"
+    line = (json.dumps({"text": "some words to pack " * 400}) + "\n").encode()
+    src.write_bytes(line * (60_000_000 // len(line)))  # 60 MB: a few seconds of work
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "heft.launcher.cli", "prepare", "--domain", f"web={src}",
+                             "--out", str(out), "--workers", "2"], cwd=REPO, env=heft_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "out.partial"
+    deadline = time.monotonic() + 120
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in stderr, stderr
+    assert not partial.exists() and not out.exists()
