@@ -12,17 +12,18 @@ replaced only if it is an earlier heft export (it has ``heft-export.json``); any
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from heft.data.prepare import swap_in
 from heft.launcher import checkpoint_files as files
 from heft.launcher.checkpoint_files import CheckpointError
 from heft.model import hf_llama
 
 MARKER = "heft-export.json"
+PARTIAL_MARKER = ".heft-export-partial"
 
 
 class ExportError(ValueError):
@@ -65,10 +66,6 @@ def hf_state_dict(path: Path, state: dict) -> dict[str, torch.Tensor]:
 
 def export(checkpoint: Path, out: Path) -> Path:
     """Write the Hugging Face Llama equivalent of ``checkpoint`` to ``out``; returns ``out``."""
-    from huggingface_hub import save_torch_state_dict
-    from transformers import GenerationConfig, LlamaConfig
-
-    from heft.data.tokenizer import to_transformers
     from heft.launcher.checkpoint import checkpoint_tokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -83,8 +80,29 @@ def export(checkpoint: Path, out: Path) -> Path:
                                    str(dtype).removeprefix("torch."), tokenizer.eos_id, tokenizer.eos_id)
 
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    if partial.exists():
+        if not (partial / PARTIAL_MARKER).is_file():
+            raise ExportError(f"{partial} exists and is not heft's; move it away")
+        shutil.rmtree(partial)  # left by an interrupted export
     partial.mkdir(parents=True)
+    (partial / PARTIAL_MARKER).write_text("being written by heft export-hf; never read\n")
+    try:
+        _write(partial, weights, config, tokenizer, seq_length, checkpoint, state)
+        (partial / PARTIAL_MARKER).unlink()
+        swap_in(partial, out)
+    except BaseException:  # an error or Ctrl-C: nothing half-written stays behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(partial: Path, weights: dict, config: dict, tokenizer, seq_length: int, checkpoint: Path,
+           state: dict) -> None:
+    from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig, LlamaConfig
+
+    from heft.data.tokenizer import to_transformers
+
     save_torch_state_dict(weights, partial, max_shard_size="5GB")
     LlamaConfig(**config).save_pretrained(partial)
     GenerationConfig(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
@@ -96,15 +114,3 @@ def export(checkpoint: Path, out: Path) -> Path:
         "note": "vocab_size in config.json is heft's padded vocabulary: the rows beyond the "
                 "tokenizer's take part in the softmax, so they are kept for identical log-probabilities",
     }, indent=1) + "\n")
-    _swap_in(partial, out)
-    return out
-
-
-def _swap_in(partial: Path, out: Path) -> None:
-    """Replace ``out`` (absent, empty, or an earlier heft export) with the finished ``partial``."""
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(partial, out)
-    shutil.rmtree(old, ignore_errors=True)
