@@ -81,9 +81,10 @@ def check_has_validation(manifest: dict, path: str) -> None:
     documents, which the document-level split keeps whole) may have none."""
     if not any(d["val"]["samples"] for d in manifest["domains"]):
         raise DataConfigError(
-            f"{path} has no validation samples, but train.eval_interval or train.eval_at_end asks for "
-            f"evaluation; re-run heft prepare with --val-fraction > 0 (and more than one document per "
-            f"domain), or set train.eval_interval=0 train.eval_at_end=false")
+            f"{path} has no validation samples (prepared with --val-fraction 0, or every domain is a "
+            f"single document, which is never split), so there is nothing to evaluate on; re-run heft "
+            f"prepare with --val-fraction > 0 and more than one document per domain, or (training) set "
+            f"train.eval_interval=0 train.eval_at_end=false")
 
 
 def validation_batches(path: str, micro_batch_size: int, replication: int,

@@ -12,7 +12,8 @@ Streaming: documents flow from the inputs (``data/sources.py``) in batches throu
 into per-split packers that write each finished sample to its MDS writer: memory is bounded by the
 batches in flight, not the corpus. Packing joins a split's documents, each followed by EOS, and cuts
 samples of ``seq_length + 1`` tokens; the ragged tail is dropped. Each document goes wholly to
-``val`` or ``train`` by a stable hash of its text, so no held-out document is trained on.
+``val`` or ``train`` by a stable hash of its text, so no held-out document is trained on; a
+domain whose hash draws hold out nothing gives its last document to ``val``.
 
 Safety: the dataset is built in ``OUT.partial`` and swapped in only when complete (the manifest,
 written last and atomically, is what training looks for). An existing OUT is replaced only if it
@@ -317,6 +318,7 @@ def _write(streams: dict, directory: Path, options: PrepareOptions) -> dict:
     width, dtype = options.seq_length + 1, _token_dtype(tok.vocab_size)
     workers = options.workers or os.cpu_count() or 1
     writers: dict[str, dict[str, SplitWriter]] = {}
+    held_back: dict[str, np.ndarray] = {}
     progress = Progress(options.progress)
 
     def records():
@@ -331,12 +333,25 @@ def _write(streams: dict, directory: Path, options: PrepareOptions) -> dict:
                 domain_id = len(writers)
                 writers[domain] = {s: SplitWriter(directory / domain / s, domain_id, width, tok.eos_id, dtype)
                                    for s in ("train", "val")}
-            split = "val" if is_held_out(record.text, options.val_fraction) else "train"
-            writers[domain][split].add(ids)
+            if is_held_out(record.text, options.val_fraction):
+                writers[domain]["val"].add(ids)
+            elif options.val_fraction > 0:
+                # Each train document waits for the next one: a domain whose hash draws held out
+                # nothing gives its last document to val instead (below), so small domains still
+                # get evaluated. One document per domain in memory.
+                previous, held_back[domain] = held_back.get(domain), ids
+                if previous is not None:
+                    writers[domain]["train"].add(previous)
+            else:
+                writers[domain]["train"].add(ids)
             progress.add(record.nbytes or len(record.text), len(ids) + 1)
     finally:
         tokenized.close()
         progress.close()
+    for domain, ids in held_back.items():
+        splits = writers[domain]
+        last_goes_to_val = splits["val"].documents == 0 and splits["train"].documents >= 1
+        splits["val" if last_goes_to_val else "train"].add(ids)
     if not writers:
         raise DataConfigError("the inputs hold no documents")
     domains = []

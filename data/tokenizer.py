@@ -185,7 +185,8 @@ def to_transformers(tokenizer: Tokenizer, max_length: int):
     eos = backend.id_to_token(tokenizer.eos_id)  # <|endoftext|>, or an existing tokenizer's own
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, bos_token=eos,
                                    unk_token=None, pad_token=eos, model_max_length=max_length,
-                                   clean_up_tokenization_spaces=False)
+                                   clean_up_tokenization_spaces=False,
+                                   model_input_names=["input_ids", "attention_mask"])  # as Llama's
 
 
 def tokenizer_files(data_dir: Path, spec: dict) -> list[Path]:

@@ -278,6 +278,10 @@ def load_weights(chunks, path: Path, state: dict, model_cfg, vocab_size: int, te
     loaded = dist_checkpointing.load(request, str(path), validate_access_integrity=False)
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+        for name, param in unwrap(chunk).named_parameters():
+            if not torch.isfinite(param).all():
+                raise CheckpointError(f"{path}: weight {name} holds NaN/inf values; the checkpoint is "
+                                      f"damaged or the run diverged: use an earlier checkpoint")
 
 
 def _check_same_tokenizer(state: dict, data_path: str, path: Path) -> None:

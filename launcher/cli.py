@@ -249,6 +249,9 @@ def cmd_generate(args) -> int:
     prompt = model.tokenizer.encode(args.prompt)
     if not prompt:
         raise UsageError("--prompt is empty")
+    if len(prompt) + sampling.max_new_tokens > model.seq_length:
+        print(f"heft: note: prompt + {sampling.max_new_tokens} new tokens exceed the model's context of "
+              f"{model.seq_length} tokens; each step sees the last {model.seq_length}", file=sys.stderr)
     print(args.prompt, end="", flush=True)
     new: list[int] = []
     shown = ""

@@ -31,6 +31,10 @@ def plan(path: str, data: str | None, nproc: int | None, micro_batch_size: int |
     from heft.launcher.config import ConfigError, config_from_dict, validate
     from heft.launcher.inference import UNSPLIT, resolve_checkpoint
 
+    for option, value in (("--nproc", nproc), ("--micro-batch-size", micro_batch_size),
+                          ("--max-batches", max_batches)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be >= 1, got {value}")
     checkpoint = resolve_checkpoint(path)
     state = files.verify(checkpoint)
     extra = [*UNSPLIT, *overrides]  # one process unless the overrides say otherwise
@@ -54,7 +58,7 @@ def plan(path: str, data: str | None, nproc: int | None, micro_batch_size: int |
 def _check_data(cfg, checkpoint: Path, state: dict) -> None:
     """The data must be tokenized as the model was trained, and have held-out samples."""
     from heft.data.config import DataConfigError
-    from heft.data.loader import check_sequence_length
+    from heft.data.loader import check_has_validation, check_sequence_length
     from heft.data.tokenizer import load_tokenizer
     from heft.data.verify import verify_dataset
     from heft.launcher.checkpoint import checkpoint_tokenizer
@@ -68,8 +72,7 @@ def _check_data(cfg, checkpoint: Path, state: dict) -> None:
         raise DataConfigError(f"{cfg.data.path} was tokenized with another tokenizer ({theirs.kind}, "
                               f"{theirs.vocab_size} tokens) than {checkpoint} ({ours.kind}, "
                               f"{ours.vocab_size} tokens); evaluate on data prepared with the model's tokenizer")
-    if not any(d["val"]["samples"] for d in manifest["domains"]):
-        raise DataConfigError(f"{cfg.data.path} has no validation samples; prepare it with --val-fraction > 0")
+    check_has_validation(manifest, cfg.data.path)
 
 
 def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
@@ -111,11 +114,22 @@ def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
     bar.close()
     results = _results(path, state, cfg, layout, metrics, evaluator.last_report, domains)
     if layout.rank == 0:
-        out = path.with_name(path.name + ".eval.json")
+        out = output_path(path, state, cfg)
         files.write_atomically(out, json.dumps(results, indent=1) + "\n")
         print(table(results) + f"\nheft: wrote {out}", flush=True)
     shutdown()
     return results
+
+
+def output_path(checkpoint: Path, state: dict, cfg) -> Path:
+    """``step_N.eval.json`` for the whole validation split of the training data; other data or a
+    capped evaluation get their own file (``step_N.eval-<data>-max<M>.json``), never overwriting it."""
+    tags = []
+    if Path(cfg.data.path).resolve() != Path(state["config"]["data"]["path"]).resolve():
+        tags.append(Path(cfg.data.path).name)
+    if cfg.train.eval_max_microbatches:
+        tags.append(f"max{cfg.train.eval_max_microbatches}")
+    return checkpoint.with_name(checkpoint.name + ".eval" + "".join("-" + t for t in tags) + ".json")
 
 
 def _progress_bar(total: int, enabled: bool):

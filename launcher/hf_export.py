@@ -12,7 +12,9 @@ replaced only if it is an earlier heft export (it has ``heft-export.json``); any
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,9 +33,21 @@ class ExportError(ValueError):
 
 
 def check_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+    """OUT may be absent, empty, or an earlier heft export holding only the files heft wrote."""
+    if not out.exists():
+        return
+    if not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file()):
         raise ExportError(f"{out} exists and is not an earlier heft export (no {MARKER}); heft never "
                           f"overwrites other files: choose a new output directory")
+    if (out / MARKER).is_file():
+        try:
+            written = set(json.loads((out / MARKER).read_text())["files"])
+        except (ValueError, KeyError, TypeError):
+            written = set()
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in written)
+        if foreign:
+            raise ExportError(f"{out} is an earlier heft export but also holds {', '.join(foreign[:5])}, "
+                              f"which heft did not write; move them away or choose a new output directory")
 
 
 def read_weights(path: Path):
@@ -47,7 +61,12 @@ def read_weights(path: Path):
         if key.startswith("optimizer.") or not hasattr(entry, "size"):
             continue
         holder = {key: torch.empty(entry.size, dtype=entry.properties.dtype)}
-        dcp.load(holder, storage_reader=FileSystemReader(str(path)), no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(holder, storage_reader=FileSystemReader(str(path)), no_dist=True)
+        if not torch.isfinite(holder[key]).all():
+            raise CheckpointError(f"{path}: weight {key} holds NaN/inf values; the checkpoint is damaged "
+                                  f"or the run diverged: export an earlier checkpoint")
         yield key, holder[key]
 
 
@@ -113,4 +132,14 @@ def _write(partial: Path, weights: dict, config: dict, tokenizer, seq_length: in
         "vocab_size": state["model"]["vocab_size"], "padded_vocab_size": state["model"]["padded_vocab_size"],
         "note": "vocab_size in config.json is heft's padded vocabulary: the rows beyond the "
                 "tokenizer's take part in the softmax, so they are kept for identical log-probabilities",
+        "files": sorted([p.name for p in partial.iterdir() if p.name != PARTIAL_MARKER] + [MARKER]),
     }, indent=1) + "\n")
+    mode = 0o666 & ~_umask()  # safetensors files come out 0600 from a temporary file; match the rest
+    for file in partial.iterdir():
+        os.chmod(file, mode)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

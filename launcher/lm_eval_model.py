@@ -29,10 +29,13 @@ from heft.launcher.generate import Sampling, continue_tokens
 class HeftLM(TemplateLM):
     """Scores and generates with a heft checkpoint in this process."""
 
-    def __init__(self, checkpoint: str, precision: str = "auto", max_gen_toks: int = 256, **_ignored):
+    def __init__(self, checkpoint: str | None = None, precision: str = "auto", max_gen_toks: int = 256,
+                 **_lm_eval_kwargs):  # batch_size, device, ... which lm-eval passes every model
         super().__init__()
         from heft.launcher.inference import LoadedModel
 
+        if not checkpoint:
+            raise ValueError("the heft model needs --model_args checkpoint=RUN_DIR_OR_CHECKPOINT")
         self.model = LoadedModel(checkpoint, precision=precision)
         self.max_length = self.model.seq_length
         self.max_gen_toks = int(max_gen_toks)
@@ -96,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from lm_eval.__main__ import cli_evaluate
 
+    from heft.launcher.checkpoint_files import CheckpointError
+
     sys.argv = ["lm_eval", *(argv if argv is not None else sys.argv[1:])]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (ValueError, CheckpointError, FileNotFoundError) as exc:  # heft's own one-line errors
+        print(f"heft: error: {exc}", file=sys.stderr)
+        return 2
     return 0

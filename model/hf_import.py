@@ -48,8 +48,29 @@ def check_fits(hf_dir: Path, model_cfg, tokenizer) -> dict:
                             f"{config['vocab_size']} embedding rows; prepare the data with the "
                             f"model's own tokenizer")
     _check_tokenizer(hf_dir, tokenizer)
-    _weight_files(hf_dir)
+    _check_shapes(hf_dir, config, hf_llama.Shape.of(model_cfg))
     return config
+
+
+def _check_shapes(hf_dir: Path, config: dict, shape) -> None:
+    """Every weight heft will read has the shape the config implies (safetensors headers only)."""
+    read = _Weights(hf_dir)
+    h, f, d = shape.hidden_size, shape.ffn_hidden_size, shape.head_dim
+    q, kv = shape.num_attention_heads * d, shape.num_query_groups * d
+    expected = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
+    if not shape.tie_embeddings:
+        expected["lm_head.weight"] = (config["vocab_size"], h)
+    for i in range(shape.num_layers):
+        names = hf_llama.hf_names(i)
+        expected.update({names["q"]: (q, h), names["k"]: (kv, h), names["v"]: (kv, h),
+                         names[hf_llama.PROJ]: (h, q), names["gate"]: (f, h), names["up"]: (f, h),
+                         names[hf_llama.FC2]: (h, f), names[hf_llama.INPUT_NORM]: (h,),
+                         names[hf_llama.MLP_NORM]: (h,)})
+    for name, wanted in expected.items():
+        found = tuple(read.shape(name))
+        if found != wanted:
+            raise HFImportError(f"{hf_dir}: {name} has shape {found}, but its config.json implies "
+                                f"{wanted}; the weights do not match their config")
 
 
 def _check_tokenizer(hf_dir: Path, tokenizer) -> None:
@@ -60,9 +81,8 @@ def _check_tokenizer(hf_dir: Path, tokenizer) -> None:
 
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
-        print(f"heft: warning: {hf_dir} has no tokenizer.json; cannot check that the data was "
-              f"tokenized with the model's tokenizer", flush=True)
-        return
+        raise HFImportError(f"{hf_dir} has no tokenizer.json, so heft cannot check that the data was "
+                            f"tokenized with the model's tokenizer; copy the model's tokenizer.json there")
     ours = byte_tokenizer_backend() if tokenizer.kind == "byte" else tokenizer._tok
     if HFTokenizer.from_file(str(path)).get_vocab(True) != ours.get_vocab(True):
         raise HFImportError(f"the data was tokenized with another tokenizer than {hf_dir}'s "
@@ -104,7 +124,10 @@ class _Weights:
         return self._handle(name).get_slice(name)[start:stop]
 
     def num_rows(self, name: str) -> int:
-        return self._handle(name).get_slice(name).get_shape()[0]
+        return self.shape(name)[0]
+
+    def shape(self, name: str) -> list[int]:
+        return self._handle(name).get_slice(name).get_shape()
 
     def _handle(self, name: str):
         if name not in self.handles:

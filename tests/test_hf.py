@@ -121,6 +121,10 @@ def test_export_never_overwrites_foreign_files(tied_run, tmp_path):
     run_heft(["export-hf", str(tied_run / "checkpoints" / "step_2"), str(out)])
     run_heft(["export-hf", str(tied_run / "checkpoints" / "step_2"), str(out)])  # replaces its own
     assert (out / "model.safetensors").is_file() and not (tmp_path / "export.old").exists()
+    (out / "README.md").write_text("my model card")  # a user's file in an earlier export
+    proc = run_heft(["export-hf", str(tied_run), str(out)], check=False)
+    assert proc.returncode == 2 and "README.md" in proc.stderr
+    assert (out / "README.md").read_text() == "my model card"
 
 
 @pytest.mark.slow

@@ -238,3 +238,13 @@ def test_ctrl_c_stops_prepare_and_leaves_nothing_half_written(tmp_path):
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "interrupted" in stderr, stderr
     assert not partial.exists() and not out.exists()
+
+
+def test_a_small_domain_still_gets_a_held_out_document(tmp_path):
+    docs = DOCS[:5]
+    assert not any(__import__("heft.data.prepare", fromlist=["x"]).is_held_out(d, 0.02) for d in docs)
+    manifest = prepare({"few": docs}, tmp_path / "data", seq_length=16, val_fraction=0.02)
+    few = manifest["domains"][0]
+    assert (few["train"]["documents"], few["val"]["documents"]) == (4, 1)  # the last one
+    train = _documents(tmp_path / "data", "few", "train")
+    assert train and train == [d for d in docs[:4] if d in train]  # whole, in order; not the last
