@@ -67,10 +67,24 @@ def test_evaluation_is_layout_invariant(tiny_train_config, tmp_path):
     assert [r["step"] for r in ref] == [1, 2]
     assert {"eval_code_loss", "eval_docs_loss", "eval_legal_loss"} <= set(ref[0])
     assert ref[1]["eval_loss"] < ref[0]["eval_loss"]
+    # Data parallelism evaluates exactly the same samples only when the validation split divides
+    # evenly into DP x micro batch: otherwise streaming repeats a few samples to even out the
+    # replicas' shares (documented; `heft eval` in one process gives the exact numbers).
+    import json
+
+    manifest = json.loads((small_corpus_path(tiny_train_config) / "manifest.json").read_text())
+    val_samples = sum(d["val"]["samples"] for d in manifest["domains"])
     for name, records in evals.items():
+        rel = 1e-5 if name != "dp2" or val_samples % (2 * 2) == 0 else 2e-3
         for a, b in zip(ref, records):
             for key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-5), f"{name} step {a['step']} {key}"
+                assert b[key] == pytest.approx(a[key], rel=rel), f"{name} step {a['step']} {key}"
+
+
+def small_corpus_path(config):
+    import yaml
+
+    return __import__("pathlib").Path(yaml.safe_load(config.read_text())["data"]["path"])
 
 
 def test_heft_train_inside_torchrun_is_the_worker(tiny_train_config, tmp_path):
