@@ -59,7 +59,7 @@ class PrepareOptions:
     bpe_sample_bytes: int = 200 << 20
     """Text the BPE is trained on at most (the first documents of each domain, in equal parts)."""
     batch_bytes: int = 4 << 20
-    """Text per tokenizer batch; memory holds about 2 x workers such batches."""
+    """Text per tokenizer batch; memory holds about 2 x workers such batches (sent and returned)."""
     read: ReadOptions = field(default_factory=ReadOptions)
     progress: bool = True
 
@@ -160,31 +160,90 @@ def _batches(records: Iterator[tuple[str, Record]], batch_bytes: int) -> Iterato
 
 
 def _tokenized(records, tokenizer_dir: Path, spec: dict, workers: int, batch_bytes: int):
-    """(domain, record, token ids) in input order; at most 2 x workers batches in flight. Closing
+    """(domain, record, token ids) in input order; one batch per worker in flight. Closing
     the generator (an error or Ctrl-C in the consumer) terminates the worker processes."""
     if workers <= 1:
         _init_worker(str(tokenizer_dir), spec)
         for batch in _batches(records, batch_bytes):
             yield from ((d, r, ids) for (d, r), ids in zip(batch, _encode([r.text for _, r in batch])))
         return
-    import multiprocessing
-
-    pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker,
-                                              initargs=(str(tokenizer_dir), spec, True))
+    pool = _TokenizerWorkers(workers, str(tokenizer_dir), spec)
     try:
-        pending: deque = deque()
-        for batch in _batches(records, batch_bytes):
-            pending.append((batch, pool.apply_async(_encode, ([r.text for _, r in batch],))))
-            if len(pending) >= 2 * workers:
-                done, result = pending.popleft()
-                yield from ((d, r, ids) for (d, r), ids in zip(done, result.get()))
-        while pending:
-            done, result = pending.popleft()
-            yield from ((d, r, ids) for (d, r), ids in zip(done, result.get()))
-        pool.close()
-        pool.join()
+        in_flight: deque = deque()
+        for k, batch in enumerate(_batches(records, batch_bytes)):
+            if len(in_flight) == workers:  # every worker busy: take the oldest result first
+                done_k, done = in_flight.popleft()
+                yield from ((d, r, ids) for (d, r), ids in zip(done, pool.result(done_k)))
+            pool.submit(k, [r.text for _, r in batch])
+            in_flight.append((k, batch))
+        while in_flight:
+            done_k, done = in_flight.popleft()
+            yield from ((d, r, ids) for (d, r), ids in zip(done, pool.result(done_k)))
     finally:
-        pool.terminate()  # a no-op after join; otherwise nothing is left running
+        pool.stop()
+
+
+class _TokenizerWorkers:
+    """``n`` tokenizer processes, each with its own pipe: batch ``k`` goes to worker ``k % n`` and
+    results are read back in ``k`` order, so the output order never depends on timing.
+
+    Not ``multiprocessing.Pool`` or ``ProcessPoolExecutor``: a Pool worker killed while holding the
+    shared task queue's lock hangs the Pool (``terminate()`` included), and the Pool quietly
+    replaces a dead worker while its batch never returns. With a pipe per worker, a death is an
+    EOF or a dead process, and stopping is killing. One batch per worker is in flight at most: a
+    worker blocked sending a result must not be sent another."""
+
+    def __init__(self, n: int, directory: str, spec: dict):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context()
+        self.conns, self.procs = [], []
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(child, directory, spec), daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def submit(self, k: int, texts: list[str]) -> None:
+        try:
+            self.conns[k % len(self.conns)].send(texts)
+        except OSError:  # BrokenPipeError, ConnectionResetError: the worker is gone
+            raise self._died() from None
+
+    def result(self, k: int) -> list[np.ndarray]:
+        conn, proc = self.conns[k % len(self.conns)], self.procs[k % len(self.procs)]
+        while not conn.poll(1.0):
+            if not proc.is_alive():
+                raise self._died()
+        try:
+            return conn.recv()
+        except (EOFError, OSError):  # OSError: "got end of file during message", killed mid-send
+            raise self._died() from None
+
+    @staticmethod
+    def _died() -> DataConfigError:
+        return DataConfigError("a tokenizer worker process died (killed, or out of memory); nothing "
+                               "was kept: run heft prepare again, with fewer --workers if memory is short")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()  # idle at the end; on an error or Ctrl-C nothing they hold is wanted
+        for proc, conn in zip(self.procs, self.conns):
+            proc.join()
+            conn.close()
+
+
+def _serve(conn, directory: str, spec: dict) -> None:
+    """A tokenizer worker: encode each batch of texts that arrives, until the pipe closes."""
+    _init_worker(directory, spec, in_pool=True)
+    while True:
+        try:
+            texts = conn.recv()
+        except EOFError:
+            return
+        conn.send(_encode(texts))
 
 
 # --- packing and writing ------------------------------------------------------------------------------

@@ -214,8 +214,8 @@ def test_evaluation_without_held_out_data_fails_before_launch(tmp_path, tiny_tra
     assert "no validation samples" in proc.stderr and "--val-fraction" in proc.stderr
 
 
-def test_ctrl_c_stops_prepare_and_leaves_nothing_half_written(tmp_path):
-    import signal
+def _start_big_prepare(tmp_path):
+    """A two-worker `heft prepare` of 60 MB (a few seconds of work), once it has started writing."""
     import subprocess
     import sys
     import time
@@ -224,27 +224,32 @@ def test_ctrl_c_stops_prepare_and_leaves_nothing_half_written(tmp_path):
 
     src = tmp_path / "big.jsonl"
     line = (json.dumps({"text": "some words to pack " * 400}) + "\n").encode()
-    src.write_bytes(line * (60_000_000 // len(line)))  # 60 MB: a few seconds of work
-    out = tmp_path / "out"
+    src.write_bytes(line * (60_000_000 // len(line)))
     proc = subprocess.Popen([sys.executable, "-m", "heft.launcher.cli", "prepare", "--domain", f"web={src}",
-                             "--out", str(out), "--workers", "2"], cwd=REPO, env=heft_env(),
+                             "--out", str(tmp_path / "out"), "--workers", "2"], cwd=REPO, env=heft_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = tmp_path / "out.partial"
     deadline = time.monotonic() + 120
-    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (tmp_path / "out.partial").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
+    return proc
+
+
+def test_ctrl_c_stops_prepare_and_leaves_nothing_half_written(tmp_path):
+    import signal
+
+    proc = _start_big_prepare(tmp_path)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "interrupted" in stderr, stderr
-    assert not partial.exists() and not out.exists()
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
 
 
-def test_a_small_domain_still_gets_a_held_out_document(tmp_path):
-    docs = DOCS[:5]
-    assert not any(__import__("heft.data.prepare", fromlist=["x"]).is_held_out(d, 0.02) for d in docs)
-    manifest = prepare({"few": docs}, tmp_path / "data", seq_length=16, val_fraction=0.02)
-    few = manifest["domains"][0]
-    assert (few["train"]["documents"], few["val"]["documents"]) == (4, 1)  # the last one
-    train = _documents(tmp_path / "data", "few", "train")
-    assert train and train == [d for d in docs[:4] if d in train]  # whole, in order; not the last
+def test_a_killed_tokenizer_worker_is_one_line_not_a_hang(tmp_path):
+    import psutil
+
+    proc = _start_big_prepare(tmp_path)
+    psutil.Process(proc.pid).children()[-1].kill()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and stderr.count("\n") == 1 and "worker process died" in stderr, stderr
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
