@@ -79,6 +79,9 @@ class TrainConfig:
     """fp32, bf16, or auto (bf16 on CUDA, fp32 on CPU)."""
     recompute: str = "none"
     """Activation recompute: none, selective (attention core) or full (whole layers)."""
+    attention: str = "auto"
+    """Core attention: auto (Transformer Engine when importable on CUDA, else torch SDPA on CUDA,
+    megatron-core's local attention on CPU), local, sdpa or te. Checkpoints are interchangeable."""
     log_interval: int = 10
     run_dir: str = "runs/default"
     """Where metrics.jsonl, tensorboard/ and checkpoints/ are written. A directory that already
@@ -112,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.recompute not in ("none", "selective", "full"):
             raise ValueError(f"train.recompute must be none, selective or full, got {self.recompute!r}")
+        if self.attention not in ("auto", "local", "sdpa", "te"):
+            raise ValueError(f"train.attention must be auto, local, sdpa or te, got {self.attention!r}")
         if self.on_nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"train.on_nonfinite_loss must be error or skip, got {self.on_nonfinite_loss!r}")
         if self.eval_interval < 0:

@@ -71,7 +71,8 @@ def build_model(cfg: HeftConfig, vocab_size: int, backends):
     """This rank's model chunks (megatron-core GPTModel in DDP), from the model and parallel sections."""
     from heft.model.build import Execution, build_model_chunks
 
-    run = Execution(precision=cfg.train.precision, recompute=cfg.train.recompute, seed=cfg.train.seed)
+    run = Execution(precision=cfg.train.precision, recompute=cfg.train.recompute, seed=cfg.train.seed,
+                    attention=cfg.train.attention)
     return build_model_chunks(cfg.model, cfg.parallel, run, vocab_size, backends)
 
 
@@ -79,7 +80,7 @@ def check_backends(cfg: HeftConfig, backends) -> None:
     from heft.model.build import check_backend_support
 
     try:
-        check_backend_support(cfg.parallel, backends)
+        check_backend_support(cfg.parallel, backends, cfg.train.attention)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -284,7 +285,7 @@ def step_record(trainer: Trainer, step: int, result: StepResult, throughput: Thr
 def train(cfg: HeftConfig) -> list[dict]:
     """Train until ``cfg.train.steps``, from a checkpoint if the run directory has one. Returns the
     records logged by this run (identical on every rank)."""
-    from heft.launcher import checkpoint, output
+    from heft.launcher import checkpoint, out_of_memory, output
     from heft.launcher.preemption import StopRequests
     from heft.launcher.rundir import already_finished
     from heft.launcher.watchdog import Watchdog
@@ -341,6 +342,9 @@ def train(cfg: HeftConfig) -> list[dict]:
         watchdog.begin("the final checkpoint save")
         saver.finish()
     except Exception as exc:
+        if out_of_memory.is_out_of_memory(exc):
+            raise out_of_memory.explain(exc, watchdog.phase or "the run", layout.rank, t.micro_batch_size,
+                                        t.recompute, cfg.parallel.tensor, cfg.parallel.pipeline) from exc
         if is_collective_failure(exc):
             raise CollectiveFailure(f"{watchdog.phase or 'the run'}: a collective failed "
                                     f"({first_line(exc)}); {watchdog.diagnosis()}") from exc

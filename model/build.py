@@ -1,8 +1,10 @@
 """Build heft's Llama-style GPT from megatron-core: TransformerConfig, layer spec, model chunks, DDP.
 
 Llama block = RMSNorm pre-norm, SwiGLU MLP, rotary position embeddings, no linear biases,
-optional grouped-query attention, tied or untied embeddings. The Transformer Engine layer spec is
-used when TE is importable and CUDA is present; megatron-core's local spec otherwise.
+optional grouped-query attention, tied or untied embeddings. The layer spec follows the core
+attention (``train.attention``, model/attention.py): Transformer Engine's spec when TE is importable
+on CUDA, megatron-core's local spec with torch SDPA attention on CUDA without TE, and the local
+spec as it is on CPU.
 """
 
 from __future__ import annotations
@@ -39,8 +41,18 @@ def _importable(module: str) -> bool:
         return False
 
 
-def check_backend_support(parallel: ParallelConfig, backends: Backends) -> None:
+def check_backend_support(parallel: ParallelConfig, backends: Backends, attention: str = "auto") -> None:
     """Reject parallel features this process's backends cannot run, before any process starts."""
+    if attention == "te" and not backends.transformer_engine:
+        raise ValueError(
+            "train.attention=te needs Transformer Engine on CUDA, which this machine does not have; "
+            "set train.attention=auto (SDPA on CUDA) or install transformer_engine"
+        )
+    if parallel.context > 1 and attention in ("local", "sdpa"):
+        raise ValueError(
+            f"parallel.context={parallel.context} needs Transformer Engine attention, not "
+            f"train.attention={attention}; set train.attention=auto or parallel.context=1"
+        )
     if parallel.context > 1 and not backends.transformer_engine:
         raise ValueError(
             f"parallel.context={parallel.context} needs Transformer Engine on CUDA (megatron-core's "
@@ -75,6 +87,8 @@ class Execution:
     """none, selective (attention core) or full (whole layers)."""
     seed: int = 1234
     """Weight init seed (layout-invariant, model/init.py)."""
+    attention: str = "auto"
+    """Core attention: auto, local, sdpa or te (model/attention.py)."""
 
 
 def transformer_config(m: ModelConfig, p: ParallelConfig, run: Execution, backends: Backends):
@@ -116,6 +130,9 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, run: Execution, backen
         # Exact token-mean over the global batch: the schedule hands the token count to
         # finalize_model_grads, which divides once by the all-reduced total.
         calculate_per_token_loss=True,
+        # The fused cross-entropy returns the same per-token losses, but heft keeps the unfused
+        # one everywhere: the loss reduction (reweighting) must see every token's loss.
+        cross_entropy_loss_fusion=False,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -129,11 +146,16 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, run: Execution, backen
     )
 
 
-def layer_spec(backends: Backends):
+def layer_spec(backends: Backends, attention: str = "auto"):
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if backends.transformer_engine:
+    from heft.model.attention import resolve_attention, sdpa_layer_spec
+
+    chosen = resolve_attention(attention, backends.cuda, backends.transformer_engine)
+    if chosen == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    if chosen == "sdpa":
+        return sdpa_layer_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
@@ -148,7 +170,7 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, run: Execut
     from heft.model.init import initialize_weights
 
     tconfig = transformer_config(model, parallel, run, backends)
-    spec = layer_spec(backends)
+    spec = layer_spec(backends, run.attention)
     vpp = parallel.virtual_pipeline
     padded_vocab = padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by, parallel.tensor)
     chunks = []

@@ -68,3 +68,40 @@ def test_cpu_compat_maps_cuda_allocations_to_cpu(tiny_model):
         assert torch.zeros(2, device="cuda").device.type == "cpu"
         assert torch.ones(1, device=torch.cuda.current_device()).device.type == "cpu"
         assert torch.zeros(1).cuda().device.type == "cpu"
+
+
+def _losses_and_grads(cfg, attention: str, tokens: torch.Tensor):
+    from dataclasses import replace
+
+    cfg = replace(cfg, train=replace(cfg.train, attention=attention))
+    gpt = unwrap(build_model(cfg, 257, Backends.detect())[0])
+    pos = torch.arange(tokens.shape[1] - 1).unsqueeze(0).expand(tokens.shape[0], -1)
+    losses = gpt(tokens[:, :-1], pos, None, labels=tokens[:, 1:])
+    losses.mean().backward()
+    return losses.detach(), {n: p.main_grad.clone() if hasattr(p, "main_grad") else p.grad.clone()
+                             for n, p in gpt.named_parameters()}
+
+
+def test_sdpa_attention_equals_the_local_spec_on_cpu(tiny_model):
+    # Same init (layout-invariant, seeded), same tokens: SDPA's per-token losses and every
+    # gradient equal megatron-core's local attention in fp32. Grouped-query (4 heads, 2 groups).
+    cfg, _ = tiny_model  # its one-process world is live for the module
+    tokens = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(1))
+    local_losses, local_grads = _losses_and_grads(cfg, "local", tokens)
+    sdpa_losses, sdpa_grads = _losses_and_grads(cfg, "sdpa", tokens)
+    # Per-token losses reach the loss reduction as [b, s]: nothing fused them away.
+    assert sdpa_losses.shape == (2, 32)
+    torch.testing.assert_close(sdpa_losses, local_losses, rtol=1e-5, atol=1e-6)
+    assert local_grads.keys() == sdpa_grads.keys()
+    for name in local_grads:
+        torch.testing.assert_close(sdpa_grads[name], local_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert any(g.abs().sum() > 0 for g in sdpa_grads.values())
+
+
+def test_auto_attention_keeps_cpu_on_the_local_spec():
+    from heft.model.attention import resolve_attention
+
+    assert resolve_attention("auto", cuda=False, transformer_engine=False) == "local"
+    assert resolve_attention("auto", cuda=True, transformer_engine=False) == "sdpa"
+    assert resolve_attention("auto", cuda=True, transformer_engine=True) == "te"
+    assert resolve_attention("sdpa", cuda=False, transformer_engine=False) == "sdpa"

@@ -17,6 +17,9 @@ LAYOUTS = {
     "pp2_dp2": ["parallel.pipeline=2", "parallel.data=2"],
     "pp2_vpp2_dp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.data=2"],
     "dp4_distributed_optimizer": ["parallel.data=4", "parallel.distributed_optimizer=true"],
+    # torch SDPA core attention (CUDA's default without Transformer Engine) under TP and PP, with
+    # grouped-query heads split over TP, against the local attention's single process.
+    "tp2_pp2_sdpa": ["parallel.tensor=2", "parallel.pipeline=2", "parallel.data=1", "train.attention=sdpa"],
 }
 RTOL = 1e-5
 
