@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from heft.launcher.checkpoint_files import CheckpointError
     from heft.launcher.config import ConfigError, load_config
     from heft.launcher.environment import prepare_worker_environment
+    from heft.launcher.out_of_memory import OutOfMemory
     from heft.launcher.train import CollectiveFailure, NonFiniteLossError, StopForRequeue, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             PermissionError) as exc:
         status = reporting.EXIT_USAGE
         reporting.report(status, str(exc))
-    except (NonFiniteLossError, CollectiveFailure) as exc:
+    except (NonFiniteLossError, CollectiveFailure, OutOfMemory) as exc:
         status = reporting.EXIT_FAILED
         reporting.report(status, str(exc))
     except Exception as exc:  # a bug or an upstream failure: keep the traceback, once
