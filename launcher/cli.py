@@ -200,6 +200,12 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from heft.launcher import plan
+
+    return plan.main(args.config, args.overrides, args.gpus, args.gpu_memory)
+
+
 def cmd_plot(args) -> int:
     from heft.launcher.plot import plot_run
 
@@ -401,6 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
     show.set_defaults(func=cmd_config)
+
+    plan = sub.add_parser("plan", help="estimate per-GPU memory and FLOPs of a layout: does it fit, "
+                                       "and the largest micro batch that does (exit 1 if not)")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--gpus", type=int, help="processes in the job (default: parallel.data x "
+                      "TP x PP x CP, or one data-parallel replica)")
+    plan.add_argument("--gpu-memory", type=float, metavar="GB",
+                      help="memory per GPU in GB (e.g. 80 for an H100); default: this machine's GPU, "
+                           "or its host memory without one")
+    plan.set_defaults(func=cmd_plan)
 
     plot = sub.add_parser("plot", help="plot a run's loss, per-domain loss, weights and ESS")
     plot.add_argument("run_dir")

@@ -1,0 +1,121 @@
+"""``heft plan CONFIG [--gpus N] [--gpu-memory GB] [key=value ...]``: will this layout fit, and how
+fast can it be? Per-GPU memory by part (model/memory.py), FLOPs per step, the largest micro batch
+that fits. Nothing is launched and no GPU is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from heft.launcher.config import ConfigError, HeftConfig, load_config, validate
+from heft.model.build import Backends, padded_vocab_size
+from heft.model.memory import (GIB, Workload, estimate, flops_per_step, largest_fitting_micro_batch,
+                               usable_gpu_bytes)
+
+DEFAULT_VOCAB = 32000
+"""The vocabulary assumed when the config's data is not prepared yet (Llama-2's)."""
+MFU_FOR_TIME = 0.45
+"""The MFU heft's time-per-step line assumes (the target on one H100)."""
+
+
+def workload_for(cfg: HeftConfig, padded_vocab: int, data_parallel: int, cuda: bool) -> Workload:
+    """The estimate's inputs from a config, for a GPU (``cuda``) or this CPU machine."""
+    from heft.model.attention import resolve_attention
+
+    t = cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
+    te = cuda and Backends.detect().transformer_engine
+    return Workload(micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                    data_parallel=data_parallel, vocab_size=padded_vocab, bf16=bf16,
+                    recompute=t.recompute, attention=resolve_attention(t.attention, cuda, te))
+
+
+def data_vocab(cfg: HeftConfig) -> tuple[int, str]:
+    """The tokenizer's vocabulary from the prepared data, or the default with a note saying so."""
+    manifest = Path(cfg.data.path) / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["tokenizer"]["vocab_size"], f"from {manifest}"
+    return DEFAULT_VOCAB, f"assumed: {cfg.data.path} is not prepared yet"
+
+
+def plan(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_gb: float | None) -> tuple[str, bool]:
+    """The report and whether the layout fits."""
+    import torch
+
+    cfg = load_config(config, overrides)
+    world = gpus if gpus is not None else cfg.parallel.data and cfg.parallel.data * cfg.parallel.model_parallel_size()
+    validate(cfg, world_size=world or None)
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    dp = p.data_parallel_size(world or None)
+    cuda = gpu_memory_gb is not None or torch.cuda.is_available()
+    if gpu_memory_gb is not None:
+        device, capacity = f"{gpu_memory_gb:g} GB GPU", gpu_memory_gb * 1e9
+    elif torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        device, capacity = props.name, float(props.total_memory)
+    else:
+        import os
+
+        device, capacity = "this host (CPU)", float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    budget = usable_gpu_bytes(capacity) if cuda else capacity
+    vocab, vocab_note = data_vocab(cfg)
+    padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, p.tensor)
+    work = workload_for(cfg, padded, dp, cuda)
+    est = estimate(m, p, work)
+    fits = est.total <= budget
+    best = largest_fitting_micro_batch(m, p, work, budget)
+    flops = flops_per_step(m, t.global_batch_size, padded)
+    ranks = dp * p.model_parallel_size()
+
+    vpp = f" VPP{p.virtual_pipeline}" if p.virtual_pipeline else ""
+    lines = [
+        f"heft plan: {m.preset} ({m.num_layers} layers, hidden {m.hidden_size}, seq {m.seq_length}), "
+        f"TP{p.tensor} PP{p.pipeline}{vpp} DP{dp} on {ranks} {'GPUs' if cuda else 'processes'}",
+        f"  micro batch {t.micro_batch_size}, global batch {t.global_batch_size}, "
+        f"{'bf16' if work.bf16 else 'fp32'}, {work.attention} attention, recompute {t.recompute}, "
+        f"distributed optimizer {'on' if p.distributed_optimizer else 'off'}, vocab {vocab} ({vocab_note})",
+        f"memory per {'GPU' if cuda else 'process'} (busiest pipeline stage: {est.stage}):",
+        f"  weights       {est.weights / GIB:8.2f} GiB",
+        f"  gradients     {est.gradients / GIB:8.2f} GiB  (fp32 reduction buffer)",
+        f"  optimizer     {est.optimizer / GIB:8.2f} GiB  (Adam moments{' + fp32 main weights' if work.bf16 else ''}"
+        f"{f', sharded over DP{dp}' if p.distributed_optimizer else ''})",
+        f"  activations   {est.activations / GIB:8.2f} GiB  ({est.microbatches_in_flight} microbatch(es) in flight)",
+        f"  total         {est.total / GIB:8.2f} GiB  of {budget / GIB:.1f} GiB usable on {device}"
+        + (f" (after {int(100 * 0.10)}% + 1 GiB for CUDA, NCCL and fragmentation)" if cuda else ""),
+    ]
+    if fits:
+        lines.append(f"fits. Largest micro batch that fits: {best}")
+    else:
+        lines.append(f"does not fit: {_advice(cfg, best)}")
+    per_rank = flops / ranks
+    lines.append(f"FLOPs per step: {flops:.3g} ({flops / (t.global_batch_size * m.seq_length):.3g} per token, "
+                 f"matmuls x3 for backward); {per_rank:.3g} per {'GPU' if cuda else 'process'}")
+    if cuda:
+        lines.append(f"  at {MFU_FOR_TIME:.0%} MFU of an H100's 989 TFLOP/s (bf16 dense): "
+                     f"{per_rank / (MFU_FOR_TIME * 989e12):.2f} s per step")
+    return "\n".join(lines), fits
+
+
+def _advice(cfg: HeftConfig, best: int | None) -> str:
+    t, p = cfg.train, cfg.parallel
+    if best is not None:
+        return f"set train.micro_batch_size={best} (the largest that fits)"
+    options = []
+    if t.recompute != "full":
+        options.append(f"train.recompute={'selective' if t.recompute == 'none' else 'full'}")
+    if not p.distributed_optimizer:
+        options.append("parallel.distributed_optimizer=true")
+    options.append(f"parallel.tensor={p.tensor * 2} or parallel.pipeline={p.pipeline * 2}")
+    return "even micro batch 1 does not fit; try " + ", ".join(options)
+
+
+def main(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_gb: float | None) -> int:
+    if gpu_memory_gb is not None and not gpu_memory_gb > 0:
+        raise ConfigError(f"--gpu-memory must be > 0 GB, got {gpu_memory_gb}")
+    if gpus is not None and gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    report, fits = plan(config, overrides, gpus, gpu_memory_gb)
+    print(report)
+    return 0 if fits else 1
+
