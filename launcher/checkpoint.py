@@ -110,13 +110,24 @@ def _layout_signature(trainer) -> dict:
             "distributed_optimizer": p.distributed_optimizer}
 
 
-def _model_signature(trainer) -> dict:
+def model_signature(model_cfg, vocab_size: int, tensor_parallel: int) -> dict:
+    """What must match for a checkpoint's weights to be this model's: the shape fields, the
+    tokenizer's vocabulary and the padded embedding."""
     from heft.model.build import padded_vocab_size
 
-    m = trainer.cfg.model
-    return {**{k: getattr(m, k) for k in MODEL_SHAPE_FIELDS}, "vocab_size": trainer.vocab_size,
-            "padded_vocab_size": padded_vocab_size(trainer.vocab_size, m.make_vocab_size_divisible_by,
-                                                   trainer.cfg.parallel.tensor)}
+    return {**{k: getattr(model_cfg, k) for k in MODEL_SHAPE_FIELDS}, "vocab_size": vocab_size,
+            "padded_vocab_size": padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by,
+                                                   tensor_parallel)}
+
+
+def _model_differences(ours: dict, state: dict, whose: str) -> list[str]:
+    theirs = state["model"]
+    return [f"{key} {theirs.get(key)} (checkpoint) vs {ours[key]} ({whose})"
+            for key in ours if theirs.get(key) != ours[key]]
+
+
+def _model_signature(trainer) -> dict:
+    return model_signature(trainer.cfg.model, trainer.vocab_size, trainer.cfg.parallel.tensor)
 
 
 def _rng_state() -> dict:
@@ -264,13 +275,9 @@ def load_weights(chunks, path: Path, state: dict, model_cfg, vocab_size: int, te
     layout; collective): for evaluation, generation and starting a new run from them."""
     from megatron.core import dist_checkpointing
 
-    from heft.model.build import padded_vocab_size, unwrap
+    from heft.model.build import unwrap
 
-    ours = {**{k: getattr(model_cfg, k) for k in MODEL_SHAPE_FIELDS}, "vocab_size": vocab_size,
-            "padded_vocab_size": padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by,
-                                                   tensor_parallel)}
-    differ = [f"{k} {state['model'].get(k)} (checkpoint) vs {v} (this model)"
-              for k, v in ours.items() if state["model"].get(k) != v]
+    differ = _model_differences(model_signature(model_cfg, vocab_size, tensor_parallel), state, "this model")
     if differ:
         raise CheckpointError(f"{path} holds another model: {'; '.join(differ)}")
     request = {f"model{i}": _without_extra_state(unwrap(chunk).sharded_state_dict(metadata=dict(SHARDING_METADATA)))
@@ -302,9 +309,7 @@ def check_compatible(trainer, state: dict, path: Path) -> None:
     """A checkpoint of another model fails here, before any weight is touched."""
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {state.get('format')!r}, not {FORMAT}")
-    ours, theirs = _model_signature(trainer), state["model"]
-    differ = [f"{key} {theirs.get(key)} (checkpoint) vs {ours[key]} (this run)"
-              for key in ours if theirs.get(key) != ours[key]]
+    differ = _model_differences(_model_signature(trainer), state, "this run")
     if differ:
         raise CheckpointError(
             f"{path} holds another model: {'; '.join(differ)}. Use the config the checkpoint was "

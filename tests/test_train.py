@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from conftest import read_metrics, run_heft
 
@@ -82,9 +85,7 @@ def test_evaluation_is_layout_invariant(tiny_train_config, tmp_path):
 
 
 def small_corpus_path(config):
-    import yaml
-
-    return __import__("pathlib").Path(yaml.safe_load(config.read_text())["data"]["path"])
+    return Path(yaml.safe_load(config.read_text())["data"]["path"])
 
 
 def test_heft_train_inside_torchrun_is_the_worker(tiny_train_config, tmp_path):
