@@ -76,12 +76,12 @@ def plan(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_
         f"{'bf16' if work.bf16 else 'fp32'}, {work.attention} attention, recompute {t.recompute}, "
         f"distributed optimizer {'on' if p.distributed_optimizer else 'off'}, vocab {vocab} ({vocab_note})",
         f"memory per {'GPU' if cuda else 'process'} (busiest pipeline stage: {est.stage}):",
-        f"  weights       {est.weights / GIB:8.2f} GiB",
-        f"  gradients     {est.gradients / GIB:8.2f} GiB  (fp32 reduction buffer)",
-        f"  optimizer     {est.optimizer / GIB:8.2f} GiB  (Adam moments{' + fp32 main weights' if work.bf16 else ''}"
+        f"  weights       {_size(est.weights)}",
+        f"  gradients     {_size(est.gradients)}  (fp32 reduction buffer)",
+        f"  optimizer     {_size(est.optimizer)}  (Adam moments{' + fp32 main weights' if work.bf16 else ''}"
         f"{f', sharded over DP{dp}' if p.distributed_optimizer else ''})",
-        f"  activations   {est.activations / GIB:8.2f} GiB  ({est.microbatches_in_flight} microbatch(es) in flight)",
-        f"  total         {est.total / GIB:8.2f} GiB  of {budget / GIB:.1f} GiB usable on {device}"
+        f"  activations   {_size(est.activations)}  ({est.microbatches_in_flight} microbatch(es) in flight)",
+        f"  total         {_size(est.total)}  of {budget / GIB:.1f} GiB usable on {device}"
         + (f" (after {int(100 * 0.10)}% + 1 GiB for CUDA, NCCL and fragmentation)" if cuda else ""),
     ]
     if fits:
@@ -95,6 +95,10 @@ def plan(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_
         lines.append(f"  at {MFU_FOR_TIME:.0%} MFU of an H100's 989 TFLOP/s (bf16 dense): "
                      f"{per_rank / (MFU_FOR_TIME * 989e12):.2f} s per step")
     return "\n".join(lines), fits
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:8.1f} MiB"
 
 
 def _advice(cfg: HeftConfig, best: int | None) -> str:
