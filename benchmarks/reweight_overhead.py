@@ -68,22 +68,24 @@ def worker(out: str, rounds: int, overrides: list[str]) -> None:
     shutdown()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--layout", action="append", choices=list(LAYOUTS))
-    parser.add_argument("--data", default=str(REPO / "demo_data"))
-    args = parser.parse_args()
-    if not (Path(args.data) / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "heft.launcher.cli", "prepare", "--demo", args.data], check=True, cwd=REPO)
+def ensure_demo_data(path: str, seq_length: int = 128) -> None:
+    """Prepare the embedded demo corpus at ``path`` unless it is there."""
+    if not (Path(path) / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "heft.launcher.cli", "prepare", "--demo", path,
+                        "--seq-length", str(seq_length)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+
+
+def measure(layouts: list[str], rounds: int, data: str) -> list[tuple[str, dict, dict]]:
+    """For each layout: (name, median ms per arm, median paired ratio to the plain mean per arm)."""
+    ensure_demo_data(data)
     rows = []
-    for layout in args.layout or list(LAYOUTS):
+    for layout in layouts:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "times.json"
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             nproc, overrides = LAYOUTS[layout]
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                            __file__, "--worker", str(out), str(args.rounds), f"data.path={args.data}",
+                            __file__, "--worker", str(out), str(rounds), f"data.path={data}",
                             "train.tensorboard=false", f"train.run_dir={tmp}/run", *overrides],
                            check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
             times = json.loads(out.read_text())
@@ -92,6 +94,16 @@ def main() -> None:
         ratios = {name: statistics.median(b / a for a, b in zip(times["none"], values))
                   for name, values in times.items()}
         rows.append((layout, medians, ratios))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--layout", action="append", choices=list(LAYOUTS))
+    parser.add_argument("--data", default=str(REPO / "demo_data"))
+    args = parser.parse_args()
+    rows = measure(args.layout or list(LAYOUTS), args.rounds, args.data)
     print(f"\nmedian step time (ms), {args.rounds} interleaved rounds, tiny model, global batch 16, micro 4, 2 CPU cores")
     print(f"{'layout':<10} {'none':>8} {'A/A control':>12} {'linupper global':>16} {'linupper microbatch':>20}")
     for layout, m, _ in rows:
