@@ -75,19 +75,21 @@ def ensure_demo_data(path: str, seq_length: int = 128) -> None:
                         "--seq-length", str(seq_length)], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
 
 
-def measure(layouts: list[str], rounds: int, data: str) -> list[tuple[str, dict, dict]]:
-    """For each layout: (name, median ms per arm, median paired ratio to the plain mean per arm)."""
+def measure(layouts: list[str], rounds: int, data: str,
+            env: dict[str, str] | None = None) -> list[tuple[str, dict, dict]]:
+    """For each layout: (name, median ms per arm, median paired ratio to the plain mean per arm).
+    ``env`` adds to the workers' environment (``CUDA_VISIBLE_DEVICES=""`` keeps them on the CPU)."""
     ensure_demo_data(data)
     rows = []
     for layout in layouts:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "times.json"
-            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             nproc, overrides = LAYOUTS[layout]
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                             __file__, "--worker", str(out), str(rounds), f"data.path={data}",
                             "train.tensorboard=false", f"train.run_dir={tmp}/run", *overrides],
-                           check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+                           check=True, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}, cwd=REPO,
+                           stdout=subprocess.DEVNULL)
             times = json.loads(out.read_text())
         medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
         # Paired: each arm's step against the plain-mean step of the same round.

@@ -1,19 +1,22 @@
 """Every benchmark that says whether heft is fast and lean, as one table (and JSON).
 
-    python benchmarks/run_all.py [--quick] [--json PATH]
+    python benchmarks/run_all.py [--quick] [--json PATH] [--only step|reweight|memory|gpu ...]
 
-Rows:
-* heft's step against a bare megatron-core loop on the same model and batches (target <= 1.05),
-  and the step's time split (``step_breakdown.py``);
-* reweighting's step-time ratio, ``linupper`` against the plain mean, per CPU layout
-  (``reweight_overhead.py``; target <= 1.02 on GPUs, where the model dominates);
-* ``heft plan``'s memory estimate against a measured peak (``memory_plan.py``; within 15%);
-* on CUDA only: tokens/s and MFU for the 1b and 1.4b presets at seq 2048 and the widest 7b layout
-  that fits one GPU (7b width, as many layers as ``heft plan`` fits), reweighting off and on. MFU = tokens/s x FLOPs per token /
-  peak bf16 FLOP/s, FLOPs per token = 3 x forward matmul FLOPs (model/flops.py: QKV, attention
-  2 x 2 s h, projection, SwiGLU 3 matmuls, logits; causal masking not discounted).
+Sections (``--only`` picks some, e.g. to spend a GPU lease on the CUDA rows alone):
+* **step**: heft's step against a bare megatron-core loop on the same model and batches, both with
+  the plain token mean (target <= 1.05), and the step's time split (``step_breakdown.py``). CPU:
+  the demo model; CUDA: the 1b preset at seq 2048 on one GPU.
+* **reweight**: ``linupper`` against the plain mean, per CPU layout, with an A/A control
+  (``reweight_overhead.py``; target <= 1.02 on GPUs, where the model dominates). These run on
+  the CPU on a GPU machine too.
+* **memory**: ``heft plan``'s estimate against a measured peak (``memory_plan.py``; within 15%).
+* **gpu**, CUDA only (one "skipped: no CUDA" row per case elsewhere): tokens/s and MFU for the 1b
+  and 1.4b presets at seq 2048 and the widest 7b layout that fits one GPU (7b width, as many
+  layers as ``heft plan`` fits), reweighting off and on, interleaved (``gpu_throughput.py``; the
+  MFU formula is printed under the table and stored in the MFU rows' ``note``).
 
-``--quick`` is the reduced CPU run CI keeps alive (about a minute on 2 cores).
+``--quick`` is the reduced run CI keeps alive (about a minute on 2 cores). The exit status is 1
+when a value is not finite or a case failed to run.
 """
 
 from __future__ import annotations
@@ -23,33 +26,36 @@ import json
 import math
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-# name: (config, overrides) for the CUDA rows; one GPU, micro batches as measured on an H100.
-GPU_CASES = {
-    "1b": ("configs/1b.yaml", ["parallel.tensor=1", "train.micro_batch_size=4"]),
-    "1.4b": ("configs/1.4b.yaml", ["parallel.tensor=1", "parallel.pipeline=1", "train.micro_batch_size=4"]),
-    # Full 7b width, as many layers as `heft plan` says fit this GPU (gpu_rows fills them in).
-    "7b width": ("configs/7b.yaml", ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
-                                     "model.seq_length=2048", "train.micro_batch_size=1", "train.recompute=none"]),
-}
-GPU_STEPS = 24
+SECTIONS = ("step", "reweight", "memory", "gpu")
 
 
-def row(benchmark: str, case: str, metric: str, value, target: str = "", ok: bool | None = None) -> dict:
+def row(benchmark: str, case: str, metric: str, value, target: str = "", ok: bool | None = None,
+        note: str = "") -> dict:
     return {"benchmark": benchmark, "case": case, "metric": metric, "value": value, "target": target,
-            "ok": ok}
+            "ok": ok, **({"note": note} if note else {})}
 
 
-def step_rows(rounds: int) -> list[dict]:
+def step_rows(rounds: int, cuda: bool) -> list[dict]:
+    """heft's step against the bare megatron-core loop, and the step's split, with heft's plain
+    mean. CPU: the demo model; CUDA: the 1b preset at seq 2048 on one GPU."""
     from step_breakdown import PIECES, measure
 
-    result = measure(rounds, 1, str(REPO / "configs" / "demo.yaml"), ["parallel.tensor=1", "parallel.data=1"], None)
-    case = "demo model, 1 process"
+    if cuda:
+        from gpu_throughput import DATA, case_overrides
+        from reweight_overhead import ensure_demo_data
+
+        ensure_demo_data(str(DATA), seq_length=2048)
+        config, overrides, _ = case_overrides("1b")
+        case, data = "1b, seq 2048, 1 GPU", str(DATA)
+    else:
+        config, overrides = "configs/demo.yaml", ["parallel.tensor=1", "parallel.data=1"]
+        case, data = "demo model, 1 process", None
+    result = measure(rounds, 1, str(REPO / config), [*overrides, "reweight.strategy=none"], data)
     rows = [row("step vs bare megatron-core", case, "heft step ms", result["heft"]),
             row("step vs bare megatron-core", case, "bare step ms", result["bare"]),
             row("step vs bare megatron-core", case, "heft / bare", result["heft / bare"], "<= 1.05",
@@ -58,11 +64,14 @@ def step_rows(rounds: int) -> list[dict]:
     return rows
 
 
-def reweight_rows(layouts: list[str], rounds: int) -> list[dict]:
+def reweight_rows(layouts: list[str], rounds: int, cuda: bool) -> list[dict]:
+    """linupper against the plain mean per CPU layout; on a GPU machine these still run on the CPU
+    (the GPU rows measure the same ratio on the GPU)."""
     from reweight_overhead import measure
 
+    env = {"CUDA_VISIBLE_DEVICES": ""} if cuda else None
     rows = []
-    for layout, _, ratios in measure(layouts, rounds, str(REPO / "demo_data")):
+    for layout, _, ratios in measure(layouts, rounds, str(REPO / "demo_data"), env=env):
         rows.append(row("reweighting overhead (CPU)", layout, "A/A control ratio", ratios["none_control"]))
         for arm in ("linupper_global", "linupper_microbatch"):
             rows.append(row("reweighting overhead (CPU)", layout, f"{arm} / none", ratios[arm], "<= 1.02 on GPU"))
@@ -79,79 +88,72 @@ def memory_rows() -> list[dict]:
             row("heft plan memory", "local_fp32", "error", error, "within 15%", abs(error) <= 0.15)]
 
 
-def gpu_rows() -> list[dict]:
-    import torch
+def gpu_rows(cuda: bool, rounds: int) -> list[dict]:
+    """tokens/s and MFU per case, reweighting off and on (gpu_throughput.py)."""
+    from gpu_throughput import CASES, FORMULA, measure
 
-    if not torch.cuda.is_available():
-        return [row("GPU throughput", name, "tokens/s, MFU", "skipped: no CUDA") for name in GPU_CASES]
-    data = _gpu_data()
+    if not cuda:
+        return [row("GPU throughput", name, "tokens/s, MFU", "skipped: no CUDA", note=FORMULA) for name in CASES]
     rows = []
-    for name, (config, overrides) in GPU_CASES.items():
-        if name == "7b width":
-            layers = _most_layers_that_fit(config, overrides)
-            overrides, name = [*overrides, f"model.num_layers={layers}"], f"7b width, {layers} layers"
-        for strategy in ("none", "linupper"):
-            record = _train(config, [*overrides, f"reweight.strategy={strategy}", f"data.path={data}"])
-            case = f"{name}, reweight {strategy}"
-            rows.append(row("GPU throughput", case, "tokens/s", record["tokens_per_s"]))
-            rows.append(row("GPU throughput", case, "MFU", record["mfu"], ">= 0.45", record["mfu"] >= 0.45))
+    for name in CASES:
+        try:
+            r = measure(name, rounds)
+        except (subprocess.CalledProcessError, RuntimeError) as exc:
+            rows.append(row("GPU throughput", name, "tokens/s, MFU", "failed", ok=False, note=str(exc)))
+            continue
+        for miss in r["plan_misses"]:  # a layout `heft plan` said fits ran out of memory
+            rows.append(row("GPU throughput", miss.split(":")[0], "heft plan: fits", "ran out of memory",
+                            ok=False, note=miss))
+        for arm in ("none", "linupper"):
+            case = f"{r['case']}, reweight {arm}"
+            rows.append(row("GPU throughput", case, "step ms", r[arm]["step_ms"]))
+            rows.append(row("GPU throughput", case, "tokens/s", r[arm]["tokens_per_s"]))
+            mfu = r[arm]["mfu"]
+            rows.append(row("GPU throughput", case, "MFU", mfu if mfu is not None else "unknown GPU peak",
+                            ">= 0.45", None if mfu is None else mfu >= 0.45, note=FORMULA))
+        rows.append(row("GPU throughput", r["case"], "linupper / none step time", r["linupper / none"], "<= 1.02",
+                        r["linupper / none"] <= 1.02))
+        rows.append(row("GPU throughput", r["case"], "peak allocated GiB", r["peak_memory_gib"]))
     return rows
 
 
-def _most_layers_that_fit(config: str, overrides: list[str]) -> int:
-    """The most layers (a multiple of 2) of the full-width model that `heft plan` fits on this GPU."""
-    from heft.launcher.plan import plan
-
-    for layers in range(32, 1, -2):
-        _, fits = plan(str(REPO / config), [*overrides, f"model.num_layers={layers}", "train.global_batch_size=16"],
-                       gpus=1, gpu_memory_gb=None)
-        if fits:
-            return layers
-    return 2
-
-
-def _gpu_data() -> str:
-    """Byte-level demo data at seq 2048 (a tiny vocabulary: the logits are a negligible share)."""
-    from reweight_overhead import ensure_demo_data
-
-    path = str(REPO / "demo_data_2048")
-    ensure_demo_data(path, seq_length=2048)
-    return path
-
-
-def _train(config: str, overrides: list[str]) -> dict:
-    """A short `heft train` on one GPU; the last logged record (the first window holds start-up)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "heft.launcher.cli", "train", str(REPO / config), "--nproc-per-node", "1",
-                        f"train.run_dir={tmp}/run", f"train.steps={GPU_STEPS}", "train.log_interval=8",
-                        "train.global_batch_size=16", "train.tensorboard=false", "checkpoint.interval=0",
-                        *overrides], check=True, cwd=REPO)
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "tokens_per_s" in r][-1]
-
-
 def print_table(rows: list[dict]) -> None:
-    print(f"{'benchmark':<30} {'case':<28} {'metric':<28} {'value':>14}  target")
+    widths = {key: max(len(key), *(len(str(r[key])) for r in rows)) for key in ("benchmark", "case", "metric")}
+    header = "  ".join(f"{key:<{width}}" for key, width in widths.items())
+    print(f"{header}  {'value':>14}  target")
     for r in rows:
         value = r["value"]
         shown = f"{value:14.3f}" if isinstance(value, float) else f"{value!s:>14}"
         verdict = "" if r["ok"] is None else (" ok" if r["ok"] else " MISSED")
-        print(f"{r['benchmark']:<30} {r['case']:<28} {r['metric']:<28} {shown}  {r['target']}{verdict}")
+        cells = "  ".join(f"{r[key]:<{width}}" for key, width in widths.items())
+        print(f"{cells}  {shown}  {r['target']}{verdict}")
+    for note in dict.fromkeys(r["note"] for r in rows if "note" in r):
+        print(note)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the reduced CPU run (CI)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)")
     args = parser.parse_args()
-    rows = step_rows(rounds=5 if args.quick else 30)
-    rows += reweight_rows(["single"] if args.quick else ["single", "tp2", "tp2_dp2"], 5 if args.quick else 60)
-    rows += memory_rows()
-    rows += gpu_rows()
+    import torch
+
+    cuda, only = torch.cuda.is_available(), set(args.only or SECTIONS)
+    rows = []
+    if "step" in only:
+        rows += step_rows(rounds=5 if args.quick else (10 if cuda else 30), cuda=cuda)
+    if "reweight" in only:
+        rows += reweight_rows(["single"] if args.quick else ["single", "tp2", "tp2_dp2"], 5 if args.quick else 60, cuda)
+    if "memory" in only:
+        rows += memory_rows()
+    if "gpu" in only:
+        rows += gpu_rows(cuda, rounds=3 if args.quick else 6)
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    bad = [r for r in rows if isinstance(r["value"], float) and not math.isfinite(r["value"])]
+    bad = [r for r in rows if (isinstance(r["value"], float) and not math.isfinite(r["value"]))
+           or str(r["value"]).startswith("failed")]
     return 1 if bad else 0
 
 

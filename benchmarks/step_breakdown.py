@@ -13,7 +13,9 @@ domain mixer) and alternates, round by round:
   schedule), loss reduction (``finish_step``), optimizer (update and LR schedule), logging.
 
 Prints median milliseconds per arm and piece, and the median paired ratio heft / bare
-(target <= 1.05). ``--json`` prints one JSON line instead.
+(target <= 1.05). ``--json`` prints one JSON line instead. The default overrides (and run_all.py)
+set ``reweight.strategy=none``, so that both arms reduce with the plain token mean; the demo
+config would otherwise switch heft's arm to linupper after 50 steps.
 """
 
 from __future__ import annotations
@@ -180,7 +182,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--data", help="prepared data (default: the demo corpus, prepared if missing)")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("overrides", nargs="*", default=["parallel.tensor=1", "parallel.data=1"])
+    parser.add_argument("overrides", nargs="*",
+                        default=["parallel.tensor=1", "parallel.data=1", "reweight.strategy=none"])
     args = parser.parse_args()
     result = measure(args.rounds, args.nproc, args.config, args.overrides, args.data)
     if args.json:
