@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from heft.launcher import checkpoint_files as files
 from heft.launcher.checkpoint_files import CheckpointError
+from heft.launcher.optim import adam_impl, settle_adam_state
 
 FORMAT = "heft-checkpoint/1"
 # fully_reshardable: the distributed optimizer's state in per-parameter form, loadable under any DP
@@ -172,6 +173,8 @@ class Saver:
         """Start saving ``progress.step``; returns the path the complete checkpoint will have."""
         from megatron.core import dist_checkpointing
 
+        from heft.model.build import finish_weight_gather
+
         trainer, rank, step = self.trainer, self.trainer.layout.rank, progress.step
         self.finish()  # the previous asynchronous save, if any, completes first
         partial = files.partial_dir(self.ckpt_dir, step)
@@ -180,6 +183,7 @@ class Saver:
             partial.mkdir(parents=True)
         dist.barrier()
         reduction_state = trainer.reduction.state_dict()  # collective
+        finish_weight_gather(trainer.chunks)  # collective: the weights the last step updated
         request = dist_checkpointing.save(_sharded_state(trainer, is_loading=False), str(partial),
                                           validate_access_integrity=True,
                                           async_sharded_save=self.queue is not None)
@@ -352,7 +356,7 @@ def load(trainer, path: Path, state: dict) -> Progress:
         _load_distributed_optimizer(trainer.optimizer, optimizer_state)
     else:
         trainer.optimizer.load_state_dict(optimizer_state)
-    _unshare_adam_steps(trainer.optimizer)
+    settle_adam_state(trainer.optimizer, adam_impl(trainer.cfg.optim))  # the load replaced the groups
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.reduction.load_state_dict(state["reduction"])
     rng_file = path / files.HEFT_DIR / f"rng_{trainer.layout.rank}.pt"
@@ -465,20 +469,3 @@ def _load_distributed_optimizer(optimizer, state: dict) -> None:
     part.load_parameter_state_from_fully_reshardable(param_state)
     for param, step in steps.items():
         part.optimizer.state[param]["step"] = step.clone()
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """torch's Adam increments each parameter's ``step`` tensor in place; a load that leaves one
-    tensor shared by many parameters would advance it many times per step and corrupt the bias
-    correction. Give every parameter its own copy."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(part, "optimizer", None)
-        if inner is None:
-            continue
-        seen = set()
-        for param_state in inner.state.values():
-            step = param_state.get("step")
-            if isinstance(step, torch.Tensor):
-                if id(step) in seen:
-                    param_state["step"] = step.clone()
-                seen.add(id(param_state["step"]))

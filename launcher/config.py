@@ -27,6 +27,8 @@ from heft.data.config import DataConfig, MixtureConfig
 from heft.model.config import ModelConfig, ParallelConfig
 from heft.reweighting.config import ReweightConfig
 
+ADAM_IMPLS = ("auto", "fused", "foreach")
+
 
 class ConfigError(ValueError):
     """A configuration that cannot work. The message names the problem and the fix."""
@@ -47,6 +49,11 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
+    adam_impl: str = "auto"
+    """torch's AdamW kernel: fused (one kernel for the whole update), foreach (a few multi-tensor
+    kernels and a temporary copy of the second moments), or auto (fused on CUDA, foreach on CPU,
+    where heft's tests pin down the results). With Transformer Engine or apex installed,
+    megatron-core uses their FusedAdam instead and this has no effect."""
 
     def check(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)) or not 0 <= self.min_lr <= self.lr:
@@ -60,6 +67,8 @@ class OptimConfig:
                 raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
         if not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        if self.adam_impl not in ADAM_IMPLS:
+            raise ValueError(f"optim.adam_impl must be auto, fused or foreach, got {self.adam_impl!r}")
         for name in ("weight_decay", "clip_grad"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
@@ -82,6 +91,10 @@ class TrainConfig:
     attention: str = "auto"
     """Core attention: auto (Transformer Engine when importable on CUDA, else torch SDPA on CUDA,
     megatron-core's local attention on CPU), local, sdpa or te. Checkpoints are interchangeable."""
+    rope: str = "auto"
+    """Rotary embedding kernel: fused (Transformer Engine's when installed, else heft's
+    torch.compile'd one), unfused (megatron-core's elementwise ops), or auto (fused on CUDA,
+    unfused on CPU)."""
     log_interval: int = 10
     run_dir: str = "runs/default"
     """Where metrics.jsonl, tensorboard/ and checkpoints/ are written. A directory that already
@@ -117,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"train.recompute must be none, selective or full, got {self.recompute!r}")
         if self.attention not in ("auto", "local", "sdpa", "te"):
             raise ValueError(f"train.attention must be auto, local, sdpa or te, got {self.attention!r}")
+        if self.rope not in ("auto", "fused", "unfused"):
+            raise ValueError(f"train.rope must be auto, fused or unfused, got {self.rope!r}")
         if self.on_nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"train.on_nonfinite_loss must be error or skip, got {self.on_nonfinite_loss!r}")
         if self.eval_interval < 0:

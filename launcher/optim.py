@@ -1,10 +1,18 @@
-"""AdamW and the LR schedule, both megatron-core's (distributed optimizer when configured)."""
+"""AdamW and the LR schedule, both megatron-core's (distributed optimizer when configured).
+
+Without Transformer Engine or apex, megatron-core's Adam is ``torch.optim.AdamW`` with torch's
+default multi-tensor ("foreach") kernels. On a GPU that is a few kernels per parameter group and a
+temporary copy of all second moments (4 bytes per parameter; it is what ran a 7b-width model out
+of memory on an H100), so heft switches it to torch's fused kernel on CUDA (``optim.adam_impl``).
+The kernel is a property of each param group; loading a checkpoint overwrites the groups with the
+saved ones, so :func:`settle_adam_state` runs again after every load.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from heft.launcher.config import HeftConfig
+from heft.launcher.config import HeftConfig, OptimConfig
 
 
 def build_optimizer(cfg: HeftConfig, chunks, bf16: bool):
@@ -29,6 +37,7 @@ def build_optimizer(cfg: HeftConfig, chunks, bf16: bool):
         ),
         chunks,
     )
+    settle_adam_state(optimizer, adam_impl(cfg.optim))
     decay = o.decay_steps if o.decay_steps is not None else max(cfg.train.steps - o.warmup_steps, 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -53,3 +62,39 @@ def build_optimizer(cfg: HeftConfig, chunks, bf16: bool):
 
 def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
+
+
+def adam_impl(o: OptimConfig, cuda: bool | None = None) -> str:
+    """The AdamW kernel a run uses (on CUDA when ``cuda``, by default where this process runs):
+    ``auto`` is fused on CUDA and foreach on CPU."""
+    if o.adam_impl != "auto":
+        return o.adam_impl
+    return "fused" if (torch.cuda.is_available() if cuda is None else cuda) else "foreach"
+
+
+def torch_adams(optimizer) -> list[torch.optim.Adam]:
+    """The torch Adam(W) optimizers inside megatron-core's wrappers (none when megatron-core uses
+    Transformer Engine's or apex's FusedAdam, which are fused already)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [part.optimizer for part in parts if isinstance(getattr(part, "optimizer", None), torch.optim.Adam)]
+
+
+def settle_adam_state(optimizer, impl: str) -> None:
+    """Select torch's AdamW kernel (``fused`` or ``foreach``) and put each parameter's ``step`` counter
+    where that kernel reads it: its own tensor (torch increments it in place, so a counter shared by
+    many parameters would advance many times per step and corrupt the bias correction), on the
+    parameter's device as float32 for the fused kernel, on the CPU for foreach (which reads it on the
+    host). Called once the optimizer is built and again after a checkpoint is loaded."""
+    fused = impl == "fused"
+    for inner in torch_adams(optimizer):
+        for group in [*inner.param_groups, inner.defaults]:
+            group["fused"], group["foreach"] = fused, not fused
+        seen = set()
+        for param, state in inner.state.items():
+            step = state.get("step")
+            if not isinstance(step, torch.Tensor):
+                continue
+            device = param.device if fused else torch.device("cpu")
+            if id(step) in seen or step.device != device or step.dtype != torch.float32:
+                state["step"] = step.to(device=device, dtype=torch.float32, copy=True)
+            seen.add(id(state["step"]))

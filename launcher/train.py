@@ -72,7 +72,7 @@ def build_model(cfg: HeftConfig, vocab_size: int, backends):
     from heft.model.build import Execution, build_model_chunks
 
     run = Execution(precision=cfg.train.precision, recompute=cfg.train.recompute, seed=cfg.train.seed,
-                    attention=cfg.train.attention)
+                    attention=cfg.train.attention, rope=cfg.train.rope)
     return build_model_chunks(cfg.model, cfg.parallel, run, vocab_size, backends)
 
 

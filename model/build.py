@@ -89,13 +89,20 @@ class Execution:
     """Weight init seed (layout-invariant, model/init.py)."""
     attention: str = "auto"
     """Core attention: auto, local, sdpa or te (model/attention.py)."""
+    rope: str = "auto"
+    """Rotary embedding kernel: auto, fused or unfused (model/rope.py)."""
 
 
 def transformer_config(m: ModelConfig, p: ParallelConfig, run: Execution, backends: Backends):
     from megatron.core.transformer import TransformerConfig
 
+    from heft.model.rope import provide_fused_rope, resolve_rope
+
     dtype = resolve_dtype(run.precision, backends)
     fused = backends.cuda  # torch-jit fusions: fine on CUDA, pointless overhead on CPU
+    fused_rope = resolve_rope(run.rope, backends.cuda) == "fused"
+    if fused_rope:
+        provide_fused_rope()  # Transformer Engine's kernel where TE is installed, else heft's
     recompute = {}
     if run.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -140,7 +147,7 @@ def transformer_config(m: ModelConfig, p: ParallelConfig, run: Execution, backen
         masked_softmax_fusion=backends.transformer_engine or backends.apex,
         persist_layer_norm=backends.apex,
         bias_dropout_fusion=fused,
-        apply_rope_fusion=backends.transformer_engine,
+        apply_rope_fusion=fused_rope,
         gradient_accumulation_fusion=backends.apex,
         **recompute,
     )
@@ -196,6 +203,7 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, run: Execut
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=parallel.overlap_grad_reduce,
             use_distributed_optimizer=parallel.distributed_optimizer,
+            overlap_param_gather=parallel.distributed_optimizer and parallel.overlap_param_gather,
         )
         chunks.append(
             DistributedDataParallel(
@@ -217,6 +225,16 @@ def _wire_schedule_hooks(tconfig, chunks) -> None:
     tconfig.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
     tconfig.grad_sync_func = start_sync[0] if len(chunks) == 1 else start_sync
     tconfig.finalize_model_grads_func = finalize_model_grads
+
+
+def finish_weight_gather(chunks) -> None:
+    """Make this rank's copy of every weight current. With ``overlap_param_gather`` the distributed
+    optimizer's step updates only this rank's shard and leaves the others' to be all-gathered by
+    the next forward pass; whatever reads the weights outside a forward (a checkpoint save) calls
+    this first. A no-op otherwise; the next forward then finds nothing left to gather."""
+    for chunk in chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
 
 
 def unwrap(chunk: torch.nn.Module):

@@ -71,6 +71,10 @@ class ParallelConfig:
     """Shard optimizer state and the gradient reduction over DP ranks (ZeRO-1 style)."""
     overlap_grad_reduce: bool = True
     """Start each gradient bucket's DP reduction while backward is still running."""
+    overlap_param_gather: bool = True
+    """With the distributed optimizer: all-gather the updated weights bucket by bucket during the
+    next forward pass, as each layer needs them, instead of all at once at the end of the step
+    (megatron-core's forward pre-hooks; a checkpoint save gathers them first)."""
     batch_p2p_comm: bool = False
     """Batch pipeline send/recv into one call. Never with interleaving at PP=2 (wrong grads upstream)."""
 

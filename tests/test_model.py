@@ -70,10 +70,10 @@ def test_cpu_compat_maps_cuda_allocations_to_cpu(tiny_model):
         assert torch.zeros(1).cuda().device.type == "cpu"
 
 
-def _losses_and_grads(cfg, attention: str, tokens: torch.Tensor):
+def _losses_and_grads(cfg, tokens: torch.Tensor, **train):
     from dataclasses import replace
 
-    cfg = replace(cfg, train=replace(cfg.train, attention=attention))
+    cfg = replace(cfg, train=replace(cfg.train, **train))
     gpt = unwrap(build_model(cfg, 257, Backends.detect())[0])
     pos = torch.arange(tokens.shape[1] - 1).unsqueeze(0).expand(tokens.shape[0], -1)
     losses = gpt(tokens[:, :-1], pos, None, labels=tokens[:, 1:])
@@ -87,8 +87,8 @@ def test_sdpa_attention_equals_the_local_spec_on_cpu(tiny_model):
     # gradient equal megatron-core's local attention in fp32. Grouped-query (4 heads, 2 groups).
     cfg, _ = tiny_model  # its one-process world is live for the module
     tokens = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(1))
-    local_losses, local_grads = _losses_and_grads(cfg, "local", tokens)
-    sdpa_losses, sdpa_grads = _losses_and_grads(cfg, "sdpa", tokens)
+    local_losses, local_grads = _losses_and_grads(cfg, tokens, attention="local")
+    sdpa_losses, sdpa_grads = _losses_and_grads(cfg, tokens, attention="sdpa")
     # Per-token losses reach the loss reduction as [b, s]: nothing fused them away.
     assert sdpa_losses.shape == (2, 32)
     torch.testing.assert_close(sdpa_losses, local_losses, rtol=1e-5, atol=1e-6)
@@ -96,6 +96,31 @@ def test_sdpa_attention_equals_the_local_spec_on_cpu(tiny_model):
     for name in local_grads:
         torch.testing.assert_close(sdpa_grads[name], local_grads[name], rtol=1e-4, atol=1e-7, msg=name)
     assert any(g.abs().sum() > 0 for g in sdpa_grads.values())
+
+
+def test_fused_rope_equals_megatron_cores_unfused_rope_on_cpu(tiny_model):
+    # heft's torch.compile'd RoPE in megatron-core's fused slot (apply_rope_fusion) against
+    # megatron-core's own unfused RoPE: same losses and gradients in fp32, query and key
+    # (grouped-query: 4 heads, 2 groups) both rotated.
+    from heft.model import rope
+
+    cfg, _ = tiny_model
+    tokens = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(2))
+    unfused_losses, unfused_grads = _losses_and_grads(cfg, tokens, rope="unfused")
+    assert rope._compiled_rotate is None  # the unfused model never called the fused slot
+    fused_losses, fused_grads = _losses_and_grads(cfg, tokens, rope="fused")
+    assert rope._compiled_rotate is not None  # ... and the fused one did
+    torch.testing.assert_close(fused_losses, unfused_losses, rtol=1e-5, atol=1e-6)
+    for name in unfused_grads:
+        torch.testing.assert_close(fused_grads[name], unfused_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_auto_rope_is_fused_on_cuda_only():
+    from heft.model.rope import resolve_rope
+
+    assert resolve_rope("auto", cuda=False) == "unfused"
+    assert resolve_rope("auto", cuda=True) == "fused"
+    assert resolve_rope("fused", cuda=False) == "fused"
 
 
 def test_auto_attention_keeps_cpu_on_the_local_spec():
