@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from heft.launcher.config import ConfigError, HeftConfig, load_config, validate
+from heft.launcher.optim import adam_impl
 from heft.model.build import Backends, padded_vocab_size
 from heft.model.memory import (GIB, Workload, estimate, flops_per_step, largest_fitting_micro_batch,
                                usable_gpu_bytes)
@@ -25,10 +26,14 @@ def workload_for(cfg: HeftConfig, padded_vocab: int, data_parallel: int, cuda: b
 
     t = cfg.train
     bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
-    te = cuda and Backends.detect().transformer_engine
+    backends = Backends.detect()
+    te = cuda and backends.transformer_engine
+    # With TE or apex, megatron-core's FusedAdam is fused whatever optim.adam_impl says.
+    fused_adam_installed = cuda and (backends.transformer_engine or backends.apex)
+    adam = "fused" if fused_adam_installed else adam_impl(cfg.optim, cuda)
     return Workload(micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                     data_parallel=data_parallel, vocab_size=padded_vocab, bf16=bf16,
-                    recompute=t.recompute, attention=resolve_attention(t.attention, cuda, te))
+                    recompute=t.recompute, attention=resolve_attention(t.attention, cuda, te), adam_impl=adam)
 
 
 def data_vocab(cfg: HeftConfig) -> tuple[int, str]:
@@ -69,6 +74,8 @@ def plan(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_
     ranks = dp * p.model_parallel_size()
 
     vpp = f" VPP{p.virtual_pipeline}" if p.virtual_pipeline else ""
+    step_note = ("foreach AdamW's copy of the second moments" if work.adam_impl == "foreach"
+                 else "fused AdamW: no temporary")
     lines = [
         f"heft plan: {m.preset} ({m.num_layers} layers, hidden {m.hidden_size}, seq {m.seq_length}), "
         f"TP{p.tensor} PP{p.pipeline}{vpp} DP{dp} on {ranks} {'GPUs' if cuda else 'processes'}",
@@ -81,6 +88,8 @@ def plan(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_
         f"  optimizer     {_size(est.optimizer)}  (Adam moments{' + fp32 main weights' if work.bf16 else ''}"
         f"{f', sharded over DP{dp}' if p.distributed_optimizer else ''})",
         f"  activations   {_size(est.activations)}  ({est.microbatches_in_flight} microbatch(es) in flight)",
+        f"  optimizer step{_size(est.optimizer_step)}  ({step_note}; held after the activations are "
+        f"freed: the larger of the two counts)",
         f"  total         {_size(est.total)}  of {budget / GIB:.1f} GiB usable on {device}"
         + (f" (after {int(100 * 0.10)}% + 1 GiB for CUDA, NCCL and fragmentation)" if cuda else ""),
     ]

@@ -9,6 +9,9 @@ flight; the last holds the output layer and the logits), per rank:
   divided by the data-parallel size with the distributed optimizer.
 * **activations**: what autograd saves per token per layer, times the layers of the stage, times
   the microbatches a pipeline stage holds at once, plus the logits and their cross-entropy.
+* **optimizer step temporary**: torch's foreach AdamW takes the square root of all second moments
+  into a new tensor (4 bytes per parameter of this rank's optimizer shard); the fused kernel needs
+  none. The activations are freed by then, so the peak holds the larger of the two.
 
 The per-layer activation counts come from listing the tensors a Llama block saves for backward
 (norm inputs, QKV/projection/MLP inputs, SwiGLU's halves, attention's q, k, v and output; the local
@@ -57,6 +60,8 @@ class Workload:
     recompute: str = "none"
     attention: str = "sdpa"
     """The resolved core attention: local (stores the score matrix), sdpa or te."""
+    adam_impl: str = "fused"
+    """The resolved AdamW kernel: fused, or foreach (a temporary copy of the second moments)."""
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,15 @@ class MemoryEstimate:
     gradients: float
     optimizer: float
     activations: float
+    optimizer_step: float
+    """The optimizer step's temporary memory, held after the activations are freed."""
     microbatches_in_flight: int
     stage: str
     """Which pipeline stage this is (the busiest one)."""
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + max(self.activations, self.optimizer_step)
 
 
 def layer_parameters(m: ModelConfig, tensor: int) -> float:
@@ -149,8 +156,9 @@ def _stage(name: str, params: float, activations: float, in_flight: float, w: Wo
            p: ParallelConfig) -> MemoryEstimate:
     dp_shard = w.data_parallel if p.distributed_optimizer else 1
     optimizer = params * (8 + (4 if w.bf16 else 0)) / dp_shard
+    step_temporary = params * 4 / dp_shard if w.adam_impl == "foreach" else 0.0
     return MemoryEstimate(weights=params * (2 if w.bf16 else 4), gradients=params * 4,
-                          optimizer=optimizer, activations=activations,
+                          optimizer=optimizer, activations=activations, optimizer_step=step_temporary,
                           microbatches_in_flight=math.ceil(in_flight), stage=name)
 
 
