@@ -68,3 +68,23 @@ def test_the_estimate_is_within_15_percent_of_a_measured_peak():
     result = json.loads(done.stdout.strip().splitlines()[-1])["local_fp32"]
     assert result["measured"] > 300 * 2 ** 20  # a real model, optimizer and activations were there
     assert result["estimate"] == pytest.approx(result["measured"], rel=0.15)
+
+
+def test_foreach_adams_temporary_counts_when_it_outgrows_the_activations(capsys, tmp_path):
+    # The 7b width with 18 layers on byte-level data: `heft plan` said it fits an 80 GB H100 (85.0e9
+    # bytes), and torch's foreach AdamW then ran out of memory taking the square root of all
+    # second moments (13.6 GiB; docs/benchmarks.md).
+    (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer": {"vocab_size": 257}}))
+    args = ["plan", str(REPO / "configs/7b.yaml"), "--gpu-memory", "85.0", "--gpus", "1", "parallel.tensor=1",
+            "parallel.pipeline=1", "parallel.virtual_pipeline=null", "model.seq_length=2048",
+            "model.num_layers=18", "train.micro_batch_size=1", "train.global_batch_size=16",
+            "train.recompute=none", f"data.path={tmp_path}"]
+    assert main([*args, "optim.adam_impl=foreach"]) == 1
+    assert "foreach AdamW's copy of the second moments" in capsys.readouterr().out
+    assert main([*args, "optim.adam_impl=fused"]) == 0  # fused AdamW allocates no temporary
+    m, work = _model("7b"), Workload(micro_batch_size=1, global_batch_size=16, data_parallel=2, vocab_size=32000,
+                                     bf16=True, adam_impl="foreach")
+    sharded = estimate(m, ParallelConfig(tensor=1, distributed_optimizer=True), work)
+    assert sharded.optimizer_step == pytest.approx(sharded.gradients / 2)  # 4 B per parameter of the shard
+    assert sharded.total == pytest.approx(sharded.weights + sharded.gradients + sharded.optimizer
+                                          + max(sharded.activations, sharded.optimizer_step))
