@@ -106,6 +106,7 @@ def test_fused_rope_equals_megatron_cores_unfused_rope_on_cpu(tiny_model):
 
     cfg, _ = tiny_model
     tokens = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(2))
+    rope._compiled_rotate = None  # process-wide: forget what earlier tests compiled
     unfused_losses, unfused_grads = _losses_and_grads(cfg, tokens, rope="unfused")
     assert rope._compiled_rotate is None  # the unfused model never called the fused slot
     fused_losses, fused_grads = _losses_and_grads(cfg, tokens, rope="fused")
