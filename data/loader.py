@@ -19,7 +19,7 @@ import torch
 
 from heft.data.config import DataConfigError
 from heft.data.prepare import load_manifest
-from heft.data.shm import mark_in_use
+from heft.data.shm import mark_in_use, one_job_registers_at_a_time
 
 __all__ = ["Batch", "DataConfigError", "validation_batches"]
 
@@ -98,8 +98,9 @@ def validation_batches(path: str, micro_batch_size: int, replication: int,
     manifest = load_manifest(path)
     streams = [Stream(local=str(Path(path) / d["name"] / "val")) for d in manifest["domains"]
                if d["val"]["samples"] > 0]
-    dataset = StreamingDataset(streams=streams, shuffle=False, batch_size=micro_batch_size,
-                               replication=replication if replication > 1 else None)
+    with one_job_registers_at_a_time():
+        dataset = StreamingDataset(streams=streams, shuffle=False, batch_size=micro_batch_size,
+                                   replication=replication if replication > 1 else None)
     mark_in_use(dataset._shm_prefix_int)
     loader = StreamingDataLoader(dataset, batch_size=micro_batch_size, collate_fn=collate,
                                  num_workers=0, drop_last=True)

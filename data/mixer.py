@@ -31,7 +31,7 @@ from heft.data.config import DataConfig, DataConfigError, MixtureConfig
 from heft.data.controllers import apply_floor, build_controller
 from heft.data.loader import Batch, collate, domain_proportions
 from heft.data.prepare import load_manifest
-from heft.data.shm import mark_in_use
+from heft.data.shm import mark_in_use, one_job_registers_at_a_time
 
 STATE_VERSION = 1
 DOMAIN_SEED_STRIDE = 100_003  # keeps the domains' (seed + epoch) shuffle seeds apart
@@ -105,9 +105,10 @@ class DomainMixer:
         self.global_batch_size, self.seed = global_batch_size, seed
         share = global_batch_size // replicas
         self.share = slice(replica * share, (replica + 1) * share)
-        self.sources = [DomainSource(name, i, str(Path(path).resolve() / name / "train"), data.shuffle_seed,
-                                     data.num_canonical_nodes or 1)
-                        for i, name in enumerate(self.names)]
+        with one_job_registers_at_a_time():
+            self.sources = [DomainSource(name, i, str(Path(path).resolve() / name / "train"), data.shuffle_seed,
+                                         data.num_canonical_nodes or 1)
+                            for i, name in enumerate(self.names)]
         initial = np.array([initial_weights.get(n, 0.0) for n in self.names])
         self.controller = build_controller(mixture, self.names, initial, total_steps,
                                            global_batch_size * seq_length, reference)

@@ -17,12 +17,21 @@ it scans, live or not), so heft marks the prefixes its datasets use: ``/dev/shm/
 plus the file locks, owned by this user, of prefixes that have no segments left at all (no running
 dataset uses them: streaming creates the locals segment before the locks). Another program's
 datasets carry no marker and are never touched.
+
+Two jobs starting on one machine at the same moment (array tasks of a sweep on a shared node)
+race in streaming's registration, which every rank runs on its own: each scans /dev/shm for the
+first free prefix, then the local leader registers it. Both leaders can take the same number
+("File exists: /000000_locals"), or a rank can scan after the other job registered and look for a
+different number than its leader. heft's jobs register their datasets one job at a time per
+machine (:func:`one_job_registers_at_a_time`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import time
 from pathlib import Path
 from tempfile import gettempdir
 
@@ -30,6 +39,11 @@ SHM_DIR = Path("/dev/shm")
 PREFIX = re.compile(r"^(\d{6})_")
 MARKER = re.compile(r"^heft-(\d{6})-\d+$")
 LOCK_SUFFIXES = ("barrier_filelock", "cache_filelock")
+REGISTRATION_LOCK = SHM_DIR / "heft-registration.lock"
+REGISTRATION_WAIT_S = 300.0
+"""How long a job waits for another to finish registering before it goes ahead regardless (a
+registration takes seconds; only jobs spanning the same machines in crossed order can wait on
+each other for good). Below the collective timeout, so the waiting ranks' barrier never fails first."""
 
 
 def machine_id() -> str:
@@ -60,6 +74,49 @@ def align_local_world_with_machine() -> None:
     same_machine = [rank for rank, other in enumerate(ids) if other == mine]
     os.environ["LOCAL_RANK"] = str(same_machine.index(dist.get_rank()))
     os.environ["LOCAL_WORLD_SIZE"] = str(len(same_machine))
+
+
+@contextlib.contextmanager
+def one_job_registers_at_a_time(wait_s: float = REGISTRATION_WAIT_S):
+    """Collective when torch.distributed is initialised: build this job's streaming datasets
+    inside. Each machine's local leader (after :func:`align_local_world_with_machine`) holds an
+    exclusive lock on ``REGISTRATION_LOCK`` from before any of the job's ranks scans for a prefix
+    until all have registered; the job's other ranks wait in barriers, so they never scan while
+    another heft job on their machine registers. Outside a process group it only takes the lock."""
+    import fcntl
+
+    import torch.distributed as dist
+
+    group = dist.is_available() and dist.is_initialized()
+    fd = None
+    if os.environ.get("LOCAL_RANK", "0") == "0" and SHM_DIR.is_dir():
+        try:  # flock needs no write access: another user's lock file (mode 644) serves as well
+            fd = os.open(REGISTRATION_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError:  # unreadable (another user's umask): register as streaming alone would
+            fd = None
+        deadline = time.monotonic() + wait_s
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    print(f"heft: another job on this machine has held {REGISTRATION_LOCK} for {wait_s:.0f} s; "
+                          f"registering the datasets without it", flush=True)
+                    os.close(fd)
+                    fd = None
+                else:
+                    time.sleep(0.05)
+    try:
+        if group:
+            dist.barrier()  # every machine's leader holds its lock before anyone scans
+        yield
+        if group:
+            dist.barrier()  # every rank has registered or attached
+    finally:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 def mark_in_use(prefix: int) -> None:

@@ -275,6 +275,65 @@ def test_stale_shared_memory_of_this_data_is_cleaned_and_nothing_else(tmp_path, 
     assert os.path.isdir(ours / "code" / "train")
 
 
+def _holders_of(path: Path) -> set[int]:
+    """Processes (other than this one) with ``path`` open."""
+    holders = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                holders.add(int(fd_dir.parent.name))
+        except OSError:
+            continue
+    return holders - {os.getpid()}
+
+
+def test_a_job_registers_its_datasets_only_while_no_other_job_on_the_machine_does(tmp_path, tiny_train_config):
+    """Two jobs starting at once on one machine raced in streaming's prefix registration
+    ("File exists: /000000_locals", about one start in four on this machine); heft's jobs take
+    turns. While another job holds the machine's registration lock, a run waits at it and trains
+    nothing; once the lock is free it finishes."""
+    import fcntl
+    import time
+
+    from heft.data.shm import REGISTRATION_LOCK
+
+    fd = os.open(REGISTRATION_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "another job" registering its datasets
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "heft.launcher.cli", "train", str(tiny_train_config),
+                             f"train.run_dir={run_dir}", "train.steps=2"],
+                            env=heft_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _holders_of(REGISTRATION_LOCK) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        assert proc.poll() is None, proc.stdout.read()
+        assert _holders_of(REGISTRATION_LOCK) and not (run_dir / "metrics.jsonl").exists()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+
+
+def test_a_registration_lock_held_too_long_is_said_and_passed(capsys):
+    import fcntl
+
+    from heft.data.shm import REGISTRATION_LOCK, one_job_registers_at_a_time
+
+    fd = os.open(REGISTRATION_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with one_job_registers_at_a_time(wait_s=0.3):
+            entered = True
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert entered and "registering the datasets without it" in capsys.readouterr().out
+
+
 # --- real training runs (torchrun, gloo) ----------------------------------------------------------------
 
 def _sample_ids(run_dir: Path) -> dict[int, list]:
