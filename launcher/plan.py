@@ -69,6 +69,7 @@ def plan(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_
     work = workload_for(cfg, padded, dp, cuda)
     est = estimate(m, p, work)
     fits = est.total <= budget
+    foreach_step_dominates = work.adam_impl == "foreach" and est.optimizer_step > est.activations
     best = largest_fitting_micro_batch(m, p, work, budget)
     flops = flops_per_step(m, t.global_batch_size, padded)
     ranks = dp * p.model_parallel_size()
@@ -96,7 +97,7 @@ def plan(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_
     if fits:
         lines.append(f"fits. Largest micro batch that fits: {best}")
     else:
-        lines.append(f"does not fit: {_advice(cfg, best)}")
+        lines.append(f"does not fit: {_advice(cfg, best, foreach_step_dominates)}")
     per_rank = flops / ranks
     lines.append(f"FLOPs per step: {flops:.3g} ({flops / (t.global_batch_size * m.seq_length):.3g} per token, "
                  f"matmuls x3 for backward); {per_rank:.3g} per {'GPU' if cuda else 'process'}")
@@ -110,11 +111,12 @@ def _size(n: float) -> str:
     return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:8.1f} MiB"
 
 
-def _advice(cfg: HeftConfig, best: int | None) -> str:
+def _advice(cfg: HeftConfig, best: int | None, foreach_step_dominates: bool) -> str:
     t, p = cfg.train, cfg.parallel
     if best is not None:
         return f"set train.micro_batch_size={best} (the largest that fits)"
-    options = []
+    # The foreach temporary outweighs the activations: recompute would not lower the peak.
+    options = ["optim.adam_impl=fused (no optimizer-step temporary)"] if foreach_step_dominates else []
     if t.recompute != "full":
         options.append(f"train.recompute={'selective' if t.recompute == 'none' else 'full'}")
     if not p.distributed_optimizer:

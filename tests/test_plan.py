@@ -80,7 +80,9 @@ def test_foreach_adams_temporary_counts_when_it_outgrows_the_activations(capsys,
             "model.num_layers=18", "train.micro_batch_size=1", "train.global_batch_size=16",
             "train.recompute=none", f"data.path={tmp_path}"]
     assert main([*args, "optim.adam_impl=foreach"]) == 1
-    assert "foreach AdamW's copy of the second moments" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "foreach AdamW's copy of the second moments" in out
+    assert "does not fit: even micro batch 1 does not fit; try optim.adam_impl=fused" in out
     assert main([*args, "optim.adam_impl=fused"]) == 0  # fused AdamW allocates no temporary
     m, work = _model("7b"), Workload(micro_batch_size=1, global_batch_size=16, data_parallel=2, vocab_size=32000,
                                      bf16=True, adam_impl="foreach")
