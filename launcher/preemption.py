@@ -32,6 +32,23 @@ def listen() -> None:
         signal.signal(sig, _record)
 
 
+def die_on_ctrl_c() -> None:
+    """Until :func:`ctrl_c_raises`: SIGINT ends the process at once (the default action). During
+    start-up a worker spends long stretches inside C++ (torch's rendezvous and process-group
+    set-up, store waits) that never return to Python while a peer that Ctrl-C already ended is
+    missing, so KeyboardInterrupt would never be raised: torchrun's agent waited 30 s, then killed
+    it. Before the first step nothing is lost, and what a killed start-up leaves in /dev/shm the
+    next run cleans (data/shm.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def ctrl_c_raises() -> None:
+    """From here on SIGINT raises KeyboardInterrupt (Python's default): a training worker stops
+    cleanly, closing its data and writing its exit status. Its peers end too, and gloo and NCCL
+    collectives fail when a peer's connection closes, so none waits long."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class StopRequests:
     def __init__(self, device: torch.device):
         self.device = device

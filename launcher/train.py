@@ -286,13 +286,14 @@ def train(cfg: HeftConfig) -> list[dict]:
     """Train until ``cfg.train.steps``, from a checkpoint if the run directory has one. Returns the
     records logged by this run (identical on every rank)."""
     from heft.launcher import checkpoint, out_of_memory, output
-    from heft.launcher.preemption import StopRequests
+    from heft.launcher.preemption import StopRequests, ctrl_c_raises
     from heft.launcher.rundir import already_finished
     from heft.launcher.watchdog import Watchdog
     from heft.model.parallel import shutdown
 
     started = time.perf_counter()
     trainer = build_trainer(cfg)
+    ctrl_c_raises()  # built: from now on Ctrl-C stops this worker cleanly
     t, layout, progress = cfg.train, trainer.layout, trainer.progress
     finished = already_finished(cfg, trainer.start)
     if finished:

@@ -12,6 +12,7 @@ import threading
 
 from heft.launcher import output, preemption
 
+preemption.die_on_ctrl_c()  # until training starts (launcher/train.py): nothing to lose yet
 output.filter_known_warnings()  # before megatron-core and streaming are imported
 preemption.listen()  # a stop signal during start-up is honoured at the first step, not fatal
 

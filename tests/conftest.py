@@ -42,6 +42,18 @@ def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in rows if ("eval_loss" in r) == (kind == "eval")]
 
 
+def holders_of(path: Path) -> set[int]:
+    """Processes (other than this one) that have ``path`` open."""
+    holders = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                holders.add(int(fd_dir.parent.name))
+        except OSError:
+            continue
+    return holders - {os.getpid()}
+
+
 @contextlib.contextmanager
 def one_process_world(cfg):
     """A real one-rank gloo group and megatron-core's parallel state inside the pytest process.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, heft_env, read_metrics, wait_for_step, worker_with_rank
+from conftest import REPO, heft_env, holders_of, read_metrics, wait_for_step, worker_with_rank
 
 HEFT = str(Path(sys.executable).parent / "heft")
 
@@ -171,7 +171,54 @@ def test_a_stopped_rank_becomes_an_error_naming_it(tiny_train_config, tmp_path):
     assert elapsed < 60
 
 
+def _catches_sigint(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGINT (Python's KeyboardInterrupt) rather than
+    the default action (terminate)."""
+    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_ctrl_c_during_start_up_ends_workers_at_once(tiny_train_config, tmp_path):
+    """Start-up waits inside C++ (the rendezvous, process-group set-up) where KeyboardInterrupt is
+    never raised; torchrun's agent then killed such a worker after 30 s (3 of 7 Ctrl-Cs about 8 s
+    into a 2-rank start). Until it trains, a worker dies of SIGINT at once; then it stops cleanly."""
+    import fcntl
+
+    import psutil
+
+    from heft.data.shm import REGISTRATION_LOCK
+
+    fd = os.open(REGISTRATION_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # holds the workers in start-up, at a known point
+    proc = subprocess.Popen(
+        [HEFT, "train", str(tiny_train_config), f"train.run_dir={tmp_path / 'run'}", "parallel.data=2",
+         "train.steps=100000"],
+        cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not holders_of(REGISTRATION_LOCK) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "heft.launcher.worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2 and not any(_catches_sigint(w.pid) for w in workers)
+        os.killpg(proc.pid, signal.SIGINT)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - started < 10
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "heft: interrupted (Ctrl-C); the workers were stopped"], err[-3000:]
+
+
 def test_ctrl_c_stops_with_one_line(tiny_train_config, tmp_path):
+    import psutil
+
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "parallel.data=2",
@@ -180,6 +227,9 @@ def test_ctrl_c_stops_with_one_line(tiny_train_config, tmp_path):
         stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_step(proc, run_dir, 2)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "heft.launcher.worker" in " ".join(p.cmdline())]
+        assert workers and all(_catches_sigint(w.pid) for w in workers)  # training: stops cleanly
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground job on Ctrl-C
         out, err = proc.communicate(timeout=90)
     finally:

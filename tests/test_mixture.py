@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import dump_batches, heft_env, read_metrics, run_heft
+from conftest import dump_batches, heft_env, holders_of, read_metrics, run_heft
 from heft.data.config import DataConfig, DataConfigError, MixtureConfig
 from heft.data.controllers import DoReMi, OnlineDataMixing, Schedule, apply_floor, check_mixture
 from heft.data.mixer import DomainExhausted, DomainMixer, draw_step
@@ -275,18 +275,6 @@ def test_stale_shared_memory_of_this_data_is_cleaned_and_nothing_else(tmp_path, 
     assert os.path.isdir(ours / "code" / "train")
 
 
-def _holders_of(path: Path) -> set[int]:
-    """Processes (other than this one) with ``path`` open."""
-    holders = set()
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
-                holders.add(int(fd_dir.parent.name))
-        except OSError:
-            continue
-    return holders - {os.getpid()}
-
-
 def test_a_job_registers_its_datasets_only_while_no_other_job_on_the_machine_does(tmp_path, tiny_train_config):
     """Two jobs starting at once on one machine raced in streaming's prefix registration
     ("File exists: /000000_locals", about one start in four on this machine); heft's jobs take
@@ -305,11 +293,11 @@ def test_a_job_registers_its_datasets_only_while_no_other_job_on_the_machine_doe
                             env=heft_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not _holders_of(REGISTRATION_LOCK) and proc.poll() is None and time.monotonic() < deadline:
+        while not holders_of(REGISTRATION_LOCK) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(2)
         assert proc.poll() is None, proc.stdout.read()
-        assert _holders_of(REGISTRATION_LOCK) and not (run_dir / "metrics.jsonl").exists()
+        assert holders_of(REGISTRATION_LOCK) and not (run_dir / "metrics.jsonl").exists()
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
