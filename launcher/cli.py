@@ -415,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, help="processes in the job (default: parallel.data x "
                       "TP x PP x CP, or one data-parallel replica)")
     plan.add_argument("--gpu-memory", type=float, metavar="GB",
-                      help="memory per GPU in GB (e.g. 80 for an H100); default: this machine's GPU, "
-                           "or its host memory without one")
+                      help="memory per GPU in GiB, as nvidia-smi shows it (80 for an 80 GB H100, 141 "
+                           "for an H200); default: this machine's GPU, or its host memory without one")
     plan.set_defaults(func=cmd_plan)
 
     plot = sub.add_parser("plot", help="plot a run's loss, per-domain loss, weights and ESS")

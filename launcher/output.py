@@ -37,6 +37,11 @@ KNOWN_HARMLESS_WARNINGS = [
      "megatron-core 0.16 calls torch.distributed.checkpoint's older entry point; nothing to act on"),
     (r"torch.distributed", r"Please use DTensor instead and we are deprecating ShardedTensor",
      "torch's note to megatron-core's checkpoint code, raised on every load"),
+    (r"torch.distributed", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+     "torch 2.14 renamed the collectives megatron-core 0.16's distributed optimizer calls; once per rank"),
+    (r"megatron.core.optimizer", r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+     "megatron-core's zero_grad reads .grad of the distributed optimizer's fp32 shard views (fp32 runs, "
+     "as on CPU); they never hold one"),
 ]
 
 # (logger, why): loggers whose warnings repeat on every rank and say nothing a heft user can act on.

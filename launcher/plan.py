@@ -55,7 +55,8 @@ def plan(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_
     dp = p.data_parallel_size(world or None)
     cuda = gpu_memory_gb is not None or torch.cuda.is_available()
     if gpu_memory_gb is not None:
-        device, capacity = f"{gpu_memory_gb:g} GB GPU", gpu_memory_gb * 1e9
+        # GiB: "80 GB" cards hold about 79.6 GiB; read as 80e9 bytes the plan lost 5 GiB of them.
+        device, capacity = f"{gpu_memory_gb:g} GiB GPU", gpu_memory_gb * GIB
     elif torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         device, capacity = props.name, float(props.total_memory)
@@ -75,32 +76,32 @@ def plan(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_
     ranks = dp * p.model_parallel_size()
 
     vpp = f" VPP{p.virtual_pipeline}" if p.virtual_pipeline else ""
-    step_note = ("foreach AdamW's copy of the second moments" if work.adam_impl == "foreach"
-                 else "fused AdamW: no temporary")
+    step_note = ("foreach AdamW's copy of the second moments; held once the activations are freed, "
+                 "so the larger of the two counts" if est.optimizer_step else f"{work.adam_impl} AdamW: no temporary")
+    units, plural = ("GPU", "s") if cuda else ("process", "es")
     lines = [
         f"heft plan: {m.preset} ({m.num_layers} layers, hidden {m.hidden_size}, seq {m.seq_length}), "
-        f"TP{p.tensor} PP{p.pipeline}{vpp} DP{dp} on {ranks} {'GPUs' if cuda else 'processes'}",
+        f"TP{p.tensor} PP{p.pipeline}{vpp} DP{dp} on {ranks} {units if ranks == 1 else units + plural}",
         f"  micro batch {t.micro_batch_size}, global batch {t.global_batch_size}, "
         f"{'bf16' if work.bf16 else 'fp32'}, {work.attention} attention, recompute {t.recompute}, "
         f"distributed optimizer {'on' if p.distributed_optimizer else 'off'}, vocab {vocab} ({vocab_note})",
-        f"memory per {'GPU' if cuda else 'process'} (busiest pipeline stage: {est.stage}):",
+        f"memory per {units} (busiest pipeline stage: {est.stage}):",
         f"  weights       {_size(est.weights)}",
         f"  gradients     {_size(est.gradients)}  (fp32 reduction buffer)",
         f"  optimizer     {_size(est.optimizer)}  (Adam moments{' + fp32 main weights' if work.bf16 else ''}"
         f"{f', sharded over DP{dp}' if p.distributed_optimizer else ''})",
         f"  activations   {_size(est.activations)}  ({est.microbatches_in_flight} microbatch(es) in flight)",
-        f"  optimizer step{_size(est.optimizer_step)}  ({step_note}; held after the activations are "
-        f"freed: the larger of the two counts)",
+        f"  optimizer step{_size(est.optimizer_step)}  ({step_note})",
         f"  total         {_size(est.total)}  of {budget / GIB:.1f} GiB usable on {device}"
         + (f" (after {int(100 * 0.10)}% + 1 GiB for CUDA, NCCL and fragmentation)" if cuda else ""),
     ]
     if fits:
         lines.append(f"fits. Largest micro batch that fits: {best}")
     else:
-        lines.append(f"does not fit: {_advice(cfg, best, foreach_step_dominates)}")
+        lines.append(f"does not fit: {_advice(cfg, est, budget, best, foreach_step_dominates, ranks)}")
     per_rank = flops / ranks
     lines.append(f"FLOPs per step: {flops:.3g} ({flops / (t.global_batch_size * m.seq_length):.3g} per token, "
-                 f"matmuls x3 for backward); {per_rank:.3g} per {'GPU' if cuda else 'process'}")
+                 f"matmuls x3 for backward); {per_rank:.3g} per {units}")
     if cuda:
         lines.append(f"  at {MFU_FOR_TIME:.0%} MFU of an H100's 989 TFLOP/s (bf16 dense): "
                      f"{per_rank / (MFU_FOR_TIME * 989e12):.2f} s per step")
@@ -108,20 +109,27 @@ def plan(config: str | None, overrides: list[str], gpus: int | None, gpu_memory_
 
 
 def _size(n: float) -> str:
-    return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:8.1f} MiB"
+    return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 or n == 0 else f"{n / 2 ** 20:8.1f} MiB"
 
 
-def _advice(cfg: HeftConfig, best: int | None, foreach_step_dominates: bool) -> str:
+def _advice(cfg: HeftConfig, est, budget: float, best: int | None, foreach_step_dominates: bool,
+            ranks: int) -> str:
     t, p = cfg.train, cfg.parallel
     if best is not None:
         return f"set train.micro_batch_size={best} (the largest that fits)"
+    more_gpus = f"--gpus {ranks * 2} with parallel.tensor={p.tensor * 2} or parallel.pipeline={p.pipeline * 2}"
+    state = est.weights + est.gradients + est.optimizer
+    if state > budget:  # no micro batch or recompute setting can help
+        shard = "" if p.distributed_optimizer else "; or parallel.distributed_optimizer=true with more data-parallel GPUs"
+        return (f"the model state alone (weights, gradients, optimizer: {state / GIB:.1f} GiB) exceeds the "
+                f"{budget / GIB:.1f} GiB usable per GPU; split it over more GPUs: {more_gpus}{shard}")
     # The foreach temporary outweighs the activations: recompute would not lower the peak.
     options = ["optim.adam_impl=fused (no optimizer-step temporary)"] if foreach_step_dominates else []
-    if t.recompute != "full":
+    if t.recompute != "full" and not foreach_step_dominates:
         options.append(f"train.recompute={'selective' if t.recompute == 'none' else 'full'}")
     if not p.distributed_optimizer:
         options.append("parallel.distributed_optimizer=true")
-    options.append(f"parallel.tensor={p.tensor * 2} or parallel.pipeline={p.pipeline * 2}")
+    options.append(more_gpus)
     return "even micro batch 1 does not fit; try " + ", ".join(options)
 
 

@@ -71,11 +71,11 @@ def test_the_estimate_is_within_15_percent_of_a_measured_peak():
 
 
 def test_foreach_adams_temporary_counts_when_it_outgrows_the_activations(capsys, tmp_path):
-    # The 7b width with 18 layers on byte-level data: `heft plan` said it fits an 80 GB H100 (85.0e9
-    # bytes), and torch's foreach AdamW then ran out of memory taking the square root of all
+    # The 7b width with 18 layers on byte-level data: `heft plan` said it fits an 80 GB H100 (79.2
+    # GiB to torch), and torch's foreach AdamW then ran out of memory taking the square root of all
     # second moments (13.6 GiB; docs/benchmarks.md).
     (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer": {"vocab_size": 257}}))
-    args = ["plan", str(REPO / "configs/7b.yaml"), "--gpu-memory", "85.0", "--gpus", "1", "parallel.tensor=1",
+    args = ["plan", str(REPO / "configs/7b.yaml"), "--gpu-memory", "79.2", "--gpus", "1", "parallel.tensor=1",
             "parallel.pipeline=1", "parallel.virtual_pipeline=null", "model.seq_length=2048",
             "model.num_layers=18", "train.micro_batch_size=1", "train.global_batch_size=16",
             "train.recompute=none", f"data.path={tmp_path}"]
@@ -83,6 +83,7 @@ def test_foreach_adams_temporary_counts_when_it_outgrows_the_activations(capsys,
     out = capsys.readouterr().out
     assert "foreach AdamW's copy of the second moments" in out
     assert "does not fit: even micro batch 1 does not fit; try optim.adam_impl=fused" in out
+    assert "recompute" not in out.splitlines()[-3]  # it would not lower the peak
     assert main([*args, "optim.adam_impl=fused"]) == 0  # fused AdamW allocates no temporary
     m, work = _model("7b"), Workload(micro_batch_size=1, global_batch_size=16, data_parallel=2, vocab_size=32000,
                                      bf16=True, adam_impl="foreach")
@@ -90,3 +91,13 @@ def test_foreach_adams_temporary_counts_when_it_outgrows_the_activations(capsys,
     assert sharded.optimizer_step == pytest.approx(sharded.gradients / 2)  # 4 B per parameter of the shard
     assert sharded.total == pytest.approx(sharded.weights + sharded.gradients + sharded.optimizer
                                           + max(sharded.activations, sharded.optimizer_step))
+
+
+def test_a_model_state_too_large_for_the_gpu_asks_for_more_gpus(capsys):
+    # The whole 7b on one 80 GB GPU: weights, gradients and Adam alone are 113 GiB, so neither the
+    # micro batch nor recompute can help, and TP2 needs two GPUs.
+    assert main(["plan", str(REPO / "configs/7b.yaml"), "--gpus", "1", "--gpu-memory", "80", "parallel.tensor=1",
+                 "parallel.pipeline=1", "parallel.virtual_pipeline=null"]) == 1
+    verdict = capsys.readouterr().out.splitlines()[-3]
+    assert verdict.startswith("does not fit: the model state alone") and "GiB" in verdict
+    assert "--gpus 2 with parallel.tensor=2 or parallel.pipeline=2" in verdict and "recompute" not in verdict
