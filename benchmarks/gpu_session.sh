@@ -20,6 +20,8 @@ WHEELS=(megatron-core==0.16.1 mosaicml-streaming==0.13.0 brotli==1.2.1 python-sn
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}   # the GPU image's Python
 
 install_on_gpu() {
+  python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
+    || { echo "gpu_session: $1 needs a CUDA GPU and its python3 with torch; run it on the GPU machine" >&2; exit 2; }
   ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_session: no .whl/; run 'bash $0 fetch' where PyPI is reachable and carry .whl" >&2; exit 2; }
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   # heft itself, as pyproject.toml maps it (launcher/ -> heft.launcher, ...), without a build;
@@ -32,17 +34,19 @@ install_on_gpu() {
 
 case "${1:-}" in
   fetch)
+    rm -f .whl/*.whl  # two versions of one package would stop the install there
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYTHON_VERSION" --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-      -d .whl "${WHEELS[@]}"
+      -d .whl "${WHEELS[@]}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+    [ "$(ls .whl/*.whl 2>/dev/null | wc -l)" -eq "${#WHEELS[@]}" ] || { echo "gpu_session: fetch failed" >&2; exit 1; }
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     ls .whl
     ;;
   bench|tests)
     out=${2:-${OUT:-gpu-out}}
+    install_on_gpu "$1"
     mkdir -p "$out"
-    install_on_gpu
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$out/machine.csv" || true
     if [ "$1" = bench ]; then
       python3 benchmarks/run_all.py --only gpu --only step --json "$out/gpu_rows.json" 2>&1 | tee "$out/bench.log"
@@ -52,7 +56,7 @@ case "${1:-}" in
     fi
     ;;
   *)
-    sed -n '2,12p' "$0"
+    sed -n '2,/^set /p' "$0" | grep '^#'  # the header above
     exit 2
     ;;
 esac
