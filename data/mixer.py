@@ -1,10 +1,11 @@
-"""Training batches from one mosaicml-streaming dataset per domain, mixed by weights that may change.
+"""Training batches from every domain of a prepared dataset, mixed by weights that may change.
 
 Streaming cannot change a live dataset's proportions, so heft owns the global sample order:
 
-* Each domain is a ``StreamingDataset`` read by sample id. Its order in each epoch is streaming's
-  own shard-aware ``py1e`` shuffle, seeded by (data.shuffle_seed, domain, epoch) with a fixed number
-  of canonical nodes, so the order does not depend on the layout. A cursor (epoch, position) walks it.
+* Each domain is one stream of a mosaicml-streaming ``StreamingDataset``, read by sample id. Its
+  order in each epoch is streaming's own shard-aware ``py1e`` shuffle of the domain's shards, seeded
+  by (data.shuffle_seed, domain, epoch) with a fixed number of canonical nodes, so the order does not
+  depend on the layout. A cursor (epoch, position) walks it.
 * Step s draws its per-domain counts from the current weights with a generator seeded by
   (train.seed, s), takes that many samples from each domain's cursor and permutes the global batch
   with the same generator. Every rank computes the same global batch; replica r reads its
@@ -48,36 +49,65 @@ def draw_step(seed: int, step: int, weights: np.ndarray, global_batch_size: int)
     return counts, rng.permutation(global_batch_size)
 
 
+def open_domain_sources(path: str, manifest: dict, shuffle_seed: int, num_canonical_nodes: int) -> list["DomainSource"]:
+    """Every domain's training split as a :class:`DomainSource`, all reading one ``StreamingDataset``
+    with one stream per domain that has training samples (streaming refuses an empty stream).
+
+    One dataset, not one per domain: to find a free shared-memory prefix, streaming opens every
+    segment of every dataset registered before, and keeps each open until the process exits. With
+    one dataset per domain a worker held about 5 N^2 descriptors for N domains (9,160 at 40 domains,
+    past the common limit of 1,024 from 14 domains on) and ran streaming's two start-up barriers N
+    times. Call inside :func:`one_job_registers_at_a_time` (collective)."""
+    from streaming import Stream, StreamingDataset
+
+    root = Path(path).resolve()
+    names = [d["name"] for d in manifest["domains"]]
+    with_samples = [d["name"] for d in manifest["domains"] if d["train"]["samples"] > 0]
+    dataset = None
+    if with_samples:
+        dataset = StreamingDataset(streams=[Stream(local=str(root / name / "train")) for name in with_samples],
+                                   shuffle=False, batch_size=1)
+        mark_in_use(dataset._shm_prefix_int)  # lets a later run tell our segments live from stale
+    stream_of = {name: i for i, name in enumerate(with_samples)}
+    return [DomainSource(name, i, root / name / "train", dataset, stream_of.get(name), shuffle_seed,
+                         num_canonical_nodes) for i, name in enumerate(names)]
+
+
 class DomainSource:
-    """One domain's training split, as a StreamingDataset read by sample id."""
+    """One domain's training split: stream ``stream`` of the shared dataset (None: no samples),
+    read by the domain's own sample ids 0..size-1."""
 
-    def __init__(self, name: str, index: int, local: str, shuffle_seed: int, num_canonical_nodes: int):
-        from streaming import StreamingDataset
-
-        self.name, self.local = name, local
-        self.dataset = StreamingDataset(local=local, shuffle=False, batch_size=1)
-        mark_in_use(self.dataset._shm_prefix_int)  # lets a later run tell our segments live from stale
-        self.size = int(self.dataset.num_samples)
+    def __init__(self, name: str, index: int, local: Path, dataset, stream: int | None, shuffle_seed: int,
+                 num_canonical_nodes: int):
+        self.name, self.local, self.dataset = name, local, dataset
+        if stream is None:
+            self.size, self.offset, self.shards = 0, 0, slice(0, 0)
+        else:
+            first_shard = int(dataset.shard_offset_per_stream[stream])
+            self.shards = slice(first_shard, first_shard + int(dataset.shards_per_stream[stream]))
+            self.offset = int(dataset.sample_offset_per_stream[stream])  # of sample 0 in the dataset
+            self.size = int(dataset.samples_per_stream[stream])
         self.seed = shuffle_seed + DOMAIN_SEED_STRIDE * index
         self.num_canonical_nodes = num_canonical_nodes
         self._order_epoch, self._order = None, None
 
     def order(self, epoch: int) -> np.ndarray:
-        """Sample ids in this epoch's order (streaming's py1e shuffle; the last epoch's is cached)."""
+        """Sample ids in this epoch's order (streaming's py1e shuffle over this domain's shards; the
+        last epoch's is cached)."""
         from streaming.base.shuffle import get_shuffle
 
         if self._order_epoch != epoch:
-            self._order = get_shuffle("py1e", self.dataset.samples_per_shard, self.num_canonical_nodes,
-                                      self.seed, epoch)
+            self._order = get_shuffle("py1e", self.dataset.samples_per_shard[self.shards],
+                                      self.num_canonical_nodes, self.seed, epoch)
             self._order_epoch = epoch
         return self._order
 
     def read(self, sample_id: int) -> dict:
         try:
-            return self.dataset[sample_id]
+            return self.dataset[self.offset + sample_id]
         except Exception as exc:  # a shard that vanished or was truncated after the checks
-            shard_id, _ = self.dataset.spanner[sample_id]
-            shard_file = Path(self.local) / self.dataset.shards[shard_id].raw_data.basename
+            shard_id, _ = self.dataset.spanner[self.offset + sample_id]
+            shard_file = self.local / self.dataset.shards[shard_id].raw_data.basename
             raise DataConfigError(
                 f"domain {self.name!r}: reading sample {sample_id} from {shard_file} failed "
                 f"({str(exc).splitlines()[0][:200]}); re-run heft prepare for this domain") from None
@@ -106,9 +136,7 @@ class DomainMixer:
         share = global_batch_size // replicas
         self.share = slice(replica * share, (replica + 1) * share)
         with one_job_registers_at_a_time():
-            self.sources = [DomainSource(name, i, str(Path(path).resolve() / name / "train"), data.shuffle_seed,
-                                         data.num_canonical_nodes or 1)
-                            for i, name in enumerate(self.names)]
+            self.sources = open_domain_sources(path, manifest, data.shuffle_seed, data.num_canonical_nodes or 1)
         initial = np.array([initial_weights.get(n, 0.0) for n in self.names])
         self.controller = build_controller(mixture, self.names, initial, total_steps,
                                            global_batch_size * seq_length, reference)
