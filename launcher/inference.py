@@ -87,6 +87,14 @@ class LoadedModel:
         return self.chunks[0](tokens, positions, None).float()
 
     def close(self) -> None:
+        """Leave the process group and free the model. The model's modules hold the process groups
+        in reference cycles: without the collection their sockets and pipes (about 75 descriptors)
+        stay open until the garbage collector happens to run, which in a process opening model after
+        model (lm-eval over several checkpoints, a notebook) can be never."""
+        import gc
+
         from heft.model.parallel import shutdown
 
         shutdown()
+        self.chunks = None
+        gc.collect()

@@ -15,6 +15,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _raise_open_file_limit() -> None:
+    """Margin for the pytest process, which builds streaming datasets and one-process worlds in
+    itself: streaming keeps each dataset's shared memory open until the process exits, and each new
+    dataset also opens those of the datasets before it (about 550 descriptors at the peak, measured
+    with a limit of 1,024, a common soft limit, CI's among them). Raised to the hard limit, never past it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+_raise_open_file_limit()
+
+
 # A child `heft` must decide for itself whether it is a worker: never inherit these.
 _DISTRIBUTED_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                      "MASTER_PORT", "TORCHELASTIC_RUN_ID", "GROUP_RANK")
@@ -25,6 +41,15 @@ def heft_env() -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+def ctrl_c_as_at_a_terminal() -> None:
+    """preexec_fn for a child that a test sends SIGINT: SIGINT at its default, as in a terminal's
+    foreground job. A pytest started in the background by a non-interactive shell (`pytest &` in a
+    script) ignores SIGINT, its children inherit that, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_heft(args: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -40,6 +65,20 @@ def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     """Training records (kind='train') or evaluation records (kind='eval') of a run."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if ("eval_loss" in r) == (kind == "eval")]
+
+
+def read_mds_split(directory: Path) -> list:
+    """The token rows of one prepared MDS split, in order, read straight from its shards.
+
+    Not through ``StreamingDataset``: streaming keeps every dataset's shared memory open until the
+    process exits (an atexit hook holds each segment), about 12 descriptors per dataset, and the
+    pytest process builds enough of them to reach CI's open-file limit (1024)."""
+    from streaming import LocalDataset
+
+    if not directory.exists():
+        return []
+    dataset = LocalDataset(local=str(directory))
+    return [dataset[i]["tokens"] for i in range(len(dataset))]
 
 
 def holders_of(path: Path) -> set[int]:
@@ -71,10 +110,24 @@ def one_process_world(cfg):
     cpu_compat.enable_if_no_cuda()
     try:
         yield start_processes(cfg)
-        shutdown()
     finally:
+        shutdown()
         os.environ.clear()
         os.environ.update(saved)
+        _OPENED_WORLDS.append(True)
+
+
+_OPENED_WORLDS: list = []
+
+
+def pytest_runtest_teardown(item):
+    """After a test that opened a one-process world: what it built (models, optimizers) holds the
+    process groups in reference cycles, and their sockets and pipes stay open until a collection."""
+    if _OPENED_WORLDS:
+        import gc
+
+        _OPENED_WORLDS.clear()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import dump_batches, run_heft
+from conftest import dump_batches, read_mds_split, run_heft
 from heft.data.prepare import load_manifest, prepare
 from heft.data.tokenizer import EOS_TEXT, load_tokenizer
 
@@ -18,13 +18,6 @@ DOCS = {
               "Ἐν ἀρχῇ ἦν ὁ λόγος " * 20],
     "code": ["def f(x):\n    return x ** 2  # square\n" * 15, "print('done')\n"],
 }
-
-
-def _read_split(directory: Path) -> np.ndarray:
-    from streaming import StreamingDataset
-
-    ds = StreamingDataset(local=str(directory), shuffle=False, batch_size=1)
-    return np.stack([ds[i]["tokens"] for i in range(len(ds))])
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
@@ -39,7 +32,7 @@ def test_prepare_round_trips_text(tmp_path, kind):
         for split in ("train", "val"):
             if not domain[split]["samples"]:
                 continue
-            rows = _read_split(out / name / split)
+            rows = np.stack(read_mds_split(out / name / split))
             assert rows.shape == (domain[split]["samples"], 17)
             # Split the packed stream on EOS: every complete document comes back exactly, in order.
             docs, current = [], []

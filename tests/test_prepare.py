@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_heft
+from conftest import read_mds_split, run_heft
 from heft.data.prepare import PrepareOptions, load_manifest, prepare, prepare_files
 from heft.data.sources import BadRecord, ReadOptions
 from heft.data.tokenizer import load_tokenizer
@@ -18,20 +18,11 @@ from heft.data.tokenizer import load_tokenizer
 DOCS = [f"Document {i}: " + "lorem ipsum dolor sit amet, ünïcödé " * (3 + i % 7) for i in range(60)]
 
 
-def _read_split(directory: Path) -> list[np.ndarray]:
-    from streaming import StreamingDataset
-
-    if not directory.exists():
-        return []
-    ds = StreamingDataset(local=str(directory), shuffle=False, batch_size=1)
-    return [ds[i]["tokens"] for i in range(len(ds))]
-
-
 def _documents(out: Path, domain: str, split: str) -> list[str]:
     """The complete documents of a split, decoded from its packed samples."""
     manifest = load_manifest(out)
     tok = load_tokenizer(out, manifest["tokenizer"])
-    rows = _read_split(out / domain / split)
+    rows = read_mds_split(out / domain / split)
     stream = np.concatenate(rows).tolist() if rows else []
     docs, current, started = [], [], False
     for token in stream:
@@ -152,7 +143,7 @@ def test_a_failing_reprepare_keeps_the_previous_dataset(tmp_path):
     src.write_text(src.read_text() + '{"text": "fine"}\n{"text": broken\n')
     with pytest.raises(BadRecord, match=r"src.jsonl:62: not valid JSON"):
         prepare_files({"web": [str(src)]}, out, PrepareOptions(seq_length=16, workers=1, progress=False))
-    assert load_manifest(out) == before and _read_split(out / "web" / "train")
+    assert load_manifest(out) == before and read_mds_split(out / "web" / "train")
     assert not (tmp_path / "data.partial").exists()
 
 
@@ -220,14 +211,15 @@ def _start_big_prepare(tmp_path):
     import sys
     import time
 
-    from conftest import REPO, heft_env
+    from conftest import REPO, ctrl_c_as_at_a_terminal, heft_env
 
     src = tmp_path / "big.jsonl"
     line = (json.dumps({"text": "some words to pack " * 400}) + "\n").encode()
     src.write_bytes(line * (60_000_000 // len(line)))
     proc = subprocess.Popen([sys.executable, "-m", "heft.launcher.cli", "prepare", "--domain", f"web={src}",
                              "--out", str(tmp_path / "out"), "--workers", "2"], cwd=REPO, env=heft_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_as_at_a_terminal)
     deadline = time.monotonic() + 120
     while not (tmp_path / "out.partial").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
