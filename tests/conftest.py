@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _raise_open_file_limit() -> None:
     """Margin for the pytest process, which builds streaming datasets and one-process worlds in
     itself: streaming keeps each dataset's shared memory open until the process exits, and each new
-    dataset also opens those of the datasets before it (about 550 descriptors at the peak, measured
-    with a limit of 1,024, a common soft limit, CI's among them). Raised to the hard limit, never past it."""
+    dataset also opens those of the datasets before it (587 descriptors at the peak of the suite,
+    measured with a limit of 1,024, a common soft limit, CI's among them). Raised to the hard limit, never past it."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -71,8 +71,9 @@ def read_mds_split(directory: Path) -> list:
     """The token rows of one prepared MDS split, in order, read straight from its shards.
 
     Not through ``StreamingDataset``: streaming keeps every dataset's shared memory open until the
-    process exits (an atexit hook holds each segment), about 12 descriptors per dataset, and the
-    pytest process builds enough of them to reach CI's open-file limit (1024)."""
+    process exits (an atexit hook holds each segment) and each new one opens those of all before it,
+    so the descriptors grow with the square of the datasets built; test_data and test_prepare
+    alone built enough to hold 252."""
     from streaming import LocalDataset
 
     if not directory.exists():
