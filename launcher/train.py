@@ -331,7 +331,11 @@ def train(cfg: HeftConfig) -> list[dict]:
             if stop or checkpoint_due(cfg, step):
                 watchdog.begin(f"checkpoint save at step {step}")
                 saved = saver.save(progress)
-            if stop:
+            if stop and step in (t.steps, t.stop_at_step):
+                # Asked to stop at the step this run ends on anyway: it is complete, and a requeue
+                # would only start a job that finds nothing to do.
+                say(f"heft: {stops.name(stop)} received at the last step ({step}): the run is complete")
+            elif stop:
                 saver.finish()
                 writer.close()
                 say(f"heft: {stops.name(stop)} received: saved {saved} at step {step}; exiting with "

@@ -200,6 +200,33 @@ def test_sigterm_to_heft_train_is_forwarded_and_saves(tiny_train_config, tmp_pat
     assert (run_dir / "checkpoints" / "latest").is_file()
 
 
+
+def test_a_stop_request_at_the_last_step_finishes_the_run(tiny_train_config, tmp_path):
+    """The run saves its last step anyway: it ends as finished (status 0), not asking for a requeue
+    that would only start a job with nothing to do (a Slurm time limit can signal that late)."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=1"],
+                            cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:  # signalled while it starts up, once it catches the signal: honoured after step 1
+        try:
+            worker = worker_with_rank(proc.pid, rank=0)
+            caught = int(Path(f"/proc/{worker.pid}/status").read_text().split("SigCgt:")[1].split()[0], 16)
+            if caught >> (signal.SIGUSR1 - 1) & 1:
+                worker.send_signal(signal.SIGUSR1)
+                break
+        except (AssertionError, psutil.Error, OSError):
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "no worker started"
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGUSR1 received at the last step (1): the run is complete" in out, out
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1"
+
 # --- damaged, foreign and refused checkpoints -----------------------------------------------------
 
 @pytest.fixture(scope="module")
