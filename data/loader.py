@@ -93,7 +93,7 @@ def validation_batches(path: str, micro_batch_size: int, replication: int,
 
     Read once and kept: validation splits are small, and every evaluation then sees the same samples.
     """
-    from streaming import StreamingDataLoader, StreamingDataset, Stream
+    from heft.data.streaming_lib import Stream, StreamingDataLoader, StreamingDataset
 
     manifest = load_manifest(path)
     streams = [Stream(local=str(Path(path) / d["name"] / "val")) for d in manifest["domains"]

@@ -58,7 +58,7 @@ def open_domain_sources(path: str, manifest: dict, shuffle_seed: int, num_canoni
     one dataset per domain a worker held about 5 N^2 descriptors for N domains (9,160 at 40 domains,
     past the common limit of 1,024 from 14 domains on) and ran streaming's two start-up barriers N
     times. Call inside :func:`one_job_registers_at_a_time` (collective)."""
-    from streaming import Stream, StreamingDataset
+    from heft.data.streaming_lib import Stream, StreamingDataset
 
     root = Path(path).resolve()
     names = [d["name"] for d in manifest["domains"]]
@@ -94,7 +94,7 @@ class DomainSource:
     def order(self, epoch: int) -> np.ndarray:
         """Sample ids in this epoch's order (streaming's py1e shuffle over this domain's shards; the
         last epoch's is cached)."""
-        from streaming.base.shuffle import get_shuffle
+        from heft.data.streaming_lib import get_shuffle
 
         if self._order_epoch != epoch:
             self._order = get_shuffle("py1e", self.dataset.samples_per_shard[self.shards],

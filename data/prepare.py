@@ -272,7 +272,7 @@ class SplitWriter:
         whole = len(stream) // self.width
         if whole:
             if self.writer is None:
-                from streaming import MDSWriter
+                from heft.data.streaming_lib import MDSWriter
 
                 self.writer = MDSWriter(out=str(self.directory), columns=COLUMNS, size_limit=1 << 24,
                                         progress_bar=False)

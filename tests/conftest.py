@@ -74,7 +74,7 @@ def read_mds_split(directory: Path) -> list:
     process exits (an atexit hook holds each segment) and each new one opens those of all before it,
     so the descriptors grow with the square of the datasets built; test_data and test_prepare
     alone built enough to hold 252."""
-    from streaming import LocalDataset
+    from heft.data.streaming_lib import LocalDataset
 
     if not directory.exists():
         return []

@@ -255,7 +255,7 @@ def test_many_domains_cost_a_worker_few_file_descriptors(tmp_path):
 
 _HOLD_DATASET = """
 import os, signal, sys, time
-from streaming import StreamingDataset
+from heft.data.streaming_lib import StreamingDataset
 from heft.data.shm import mark_in_use
 mark_in_use(StreamingDataset(local=sys.argv[1], shuffle=False, batch_size=1)._shm_prefix_int)
 print("ready", flush=True)
