@@ -30,6 +30,9 @@ def _exit_within(seconds: float, status: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from heft.model.megatron_import import import_megatron
+
+    import_megatron()  # before anything imports megatron-core: its fusions then cost no start-up
     from heft.data.config import DataConfigError
     from heft.launcher import reporting
     from heft.launcher.checkpoint_files import CheckpointError

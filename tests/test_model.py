@@ -131,3 +131,53 @@ def test_auto_attention_keeps_cpu_on_the_local_spec():
     assert resolve_attention("auto", cuda=True, transformer_engine=False) == "sdpa"
     assert resolve_attention("auto", cuda=True, transformer_engine=True) == "te"
     assert resolve_attention("sdpa", cuda=False, transformer_engine=False) == "sdpa"
+
+
+def test_megatron_is_imported_with_its_fusions_compiled_on_first_call():
+    """Wrapping megatron-core's fused kernels in torch.compile at import cost each worker 1.1 s."""
+    import subprocess
+    import sys
+
+    from conftest import heft_env
+
+    script = ("import sys, torch; real = torch.compile\n"
+              "from heft.model.megatron_import import compile_on_first_call, import_megatron\n"
+              "import_megatron(); import megatron.core.models.gpt, megatron.core.fusions.fused_bias_swiglu\n"
+              "from megatron.core.jit import jit_fuser\n"
+              "print(jit_fuser is compile_on_first_call, torch.compile is real, "
+              "'torch._inductor.compile_fx' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script], env=heft_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "True", "False"], proc.stdout
+
+
+def test_compile_on_first_call_compiles_once_with_the_same_options(monkeypatch):
+    from heft.model import megatron_import
+
+    made = []
+
+    def counting_compile(model, **options):  # the eager backend: no Inductor build on CPU
+        made.append(options)
+        return torch.compile(model, **{**options, "backend": "eager"})
+
+    monkeypatch.setattr(megatron_import, "_real_compile", counting_compile)
+
+    @megatron_import.compile_on_first_call(backend="eager")
+    def gelu_of_sum(x, y):
+        return torch.nn.functional.gelu(x + y)
+
+    class Scale:  # still binds as a method, as torch.compile's wrapper does
+        factor = 3.0
+
+        @megatron_import.compile_on_first_call
+        def apply(self, x):
+            return x * self.factor
+
+    x, y = torch.randn(4), torch.randn(4)
+    assert not made and gelu_of_sum.__name__ == "gelu_of_sum"
+    for _ in range(2):
+        assert torch.equal(gelu_of_sum(x, y), torch.nn.functional.gelu(x + y))
+    assert made == [{"backend": "eager"}]
+    assert torch.equal(Scale().apply(x), x * 3.0)
+    assert made == [{"backend": "eager"}, {}]
