@@ -334,7 +334,8 @@ def train(cfg: HeftConfig) -> list[dict]:
             if stop and step in (t.steps, t.stop_at_step):
                 # Asked to stop at the step this run ends on anyway: it is complete, and a requeue
                 # would only start a job that finds nothing to do.
-                say(f"heft: {stops.name(stop)} received at the last step ({step}): the run is complete")
+                say(f"heft: {stops.name(stop)} received at step {step}, where this run ends anyway; "
+                    f"not asking for a requeue")
             elif stop:
                 saver.finish()
                 writer.close()

@@ -224,7 +224,7 @@ def test_a_stop_request_at_the_last_step_finishes_the_run(tiny_train_config, tmp
         time.sleep(0.1)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert "SIGUSR1 received at the last step (1): the run is complete" in out, out
+    assert "SIGUSR1 received at step 1, where this run ends anyway; not asking for a requeue" in out, out
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1"
 
 # --- damaged, foreign and refused checkpoints -----------------------------------------------------
