@@ -114,6 +114,7 @@ def cmd_train(args) -> int:
         return 75
     from heft.launcher import runstate
     from heft.launcher.launch import run_workers, stop_file
+    from heft.launcher.rundir import rerun_hint
 
     node0 = not args.node_rank
     stop_path = stop_file(cfg.train.run_dir)
@@ -123,7 +124,7 @@ def cmd_train(args) -> int:
     state.started()
     printed: list[str] = []
     status = run_workers(torchrun_arguments(args, cfg), world_size, verbose=output.verbose(),
-                         printed=printed, stop_path=stop_path)
+                         printed=printed, stop_path=stop_path, after_ctrl_c=lambda: rerun_hint(cfg))
     if node0 and status == 75:
         stop_path.unlink(missing_ok=True)  # honoured
     state.ended(status, printed)

@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from heft.launcher import output, reporting
@@ -137,10 +138,12 @@ def _quiet_agent(verbose: bool) -> None:
 
 
 def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False,
-                printed: list[str] | None = None, stop_path: Path | None = None) -> int:
+                printed: list[str] | None = None, stop_path: Path | None = None,
+                after_ctrl_c: Callable[[], str] | None = None) -> int:
     """Run torchrun's agent here; returns the exit status for ``heft train``. The failure lines it
     prints are also appended to ``printed`` (for the run's state file). ``stop_path``: a stop file
-    to watch (see the module doc)."""
+    to watch (see the module doc). ``after_ctrl_c``: the end of the line that reports Ctrl-C (what
+    to do next), asked once the workers are gone."""
     printed = [] if printed is None else printed
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -173,7 +176,8 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
         return status
     except SignalException as stopped:
         if stopped.sigval == signal.SIGINT:
-            printed.append("heft: interrupted (Ctrl-C); the workers were stopped")
+            printed.append("heft: interrupted (Ctrl-C); the workers were stopped"
+                           + (after_ctrl_c() if after_ctrl_c else ""))
             print(printed[-1], file=sys.stderr, flush=True)
             return reporting.EXIT_INTERRUPTED
         printed.append(f"heft: stopped by {stopped.sigval.name}")

@@ -113,6 +113,25 @@ def decide_start(cfg, warn=print) -> Start:
     return Start(checkpoint=str(path), state=state)
 
 
+def rerun_hint(cfg) -> str:
+    """What running the same command again would do, as a clause for the line that reports an
+    interrupted run ("...; the same command resumes from RUN_DIR/checkpoints/step_40")."""
+    from heft.launcher import checkpoint_files as files
+
+    try:
+        start = decide_start(cfg, warn=lambda line: None)
+    except RunDirError:
+        start = None
+    if start is not None and start.checkpoint:
+        return f"; the same command resumes from {start.checkpoint}"
+    saved = files.complete_checkpoints(cfg.checkpoint.directory(cfg.train.run_dir))
+    if saved:  # checkpoint.load=none: this run saved them, but would not load them
+        return f"; resume with checkpoint.load=auto (newest: {saved[-1]})"
+    if last_logged_step(Path(cfg.train.run_dir)) is None:
+        return "; nothing was trained yet"
+    return "; no checkpoint was saved yet, so a rerun needs a new train.run_dir (or delete this one)"
+
+
 def decide_start_on_every_rank(cfg, rank: int) -> Start:
     """Rank 0 inspects the (shared) run directory and decides; every rank gets the same decision or
     raises the same error, so no rank goes on into a collective alone."""

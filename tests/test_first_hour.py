@@ -213,8 +213,19 @@ def test_ctrl_c_during_start_up_ends_workers_at_once(tiny_train_config, tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-3000:]
     assert [line for line in err.splitlines() if line.strip()] == [
-        "heft: interrupted (Ctrl-C); the workers were stopped"], err[-3000:]
+        "heft: interrupted (Ctrl-C); the workers were stopped; nothing was trained yet"], err[-3000:]
 
+
+def test_the_ctrl_c_line_says_what_a_rerun_does_when_nothing_was_saved(tiny_train_config, tmp_path):
+    from heft.launcher.config import load_config
+    from heft.launcher.rundir import rerun_hint
+
+    cfg = load_config(tiny_train_config, [f"train.run_dir={tmp_path / 'run'}"])
+    assert rerun_hint(cfg) == "; nothing was trained yet"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    assert rerun_hint(cfg) == ("; no checkpoint was saved yet, so a rerun needs a new train.run_dir "
+                               "(or delete this one)")
 
 def test_ctrl_c_stops_with_one_line(tiny_train_config, tmp_path):
     import psutil
@@ -222,11 +233,11 @@ def test_ctrl_c_stops_with_one_line(tiny_train_config, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "parallel.data=2",
-         "train.steps=100000"],
+         "train.steps=100000", "checkpoint.interval=3"],
         cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for_step(proc, run_dir, 2)
+        wait_for_step(proc, run_dir, 4)  # step 3 saved
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if "heft.launcher.worker" in " ".join(p.cmdline())]
         assert workers and all(_catches_sigint(w.pid) for w in workers)  # training: stops cleanly
@@ -236,8 +247,11 @@ def test_ctrl_c_stops_with_one_line(tiny_train_config, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-3000:]
-    assert [line for line in err.splitlines() if line.strip()] == [
-        "heft: interrupted (Ctrl-C); the workers were stopped"], err[-3000:]
+    # It names what the same command does next: resume from the newest checkpoint (every 3 steps).
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"heft: interrupted (Ctrl-C); the workers were stopped; the same command resumes from "
+        f"{run_dir / 'checkpoints'}/step_"), err[-3000:]
 
 
 def test_a_nan_gradient_is_not_applied(tiny_train_config):
