@@ -43,6 +43,15 @@ def heft_env() -> dict[str, str]:
     return env
 
 
+def python_in_a_fresh_process(script: str, *args: str, timeout: int = 120) -> str:
+    """Run ``python -c script args...`` in a new interpreter (nothing imported yet, unlike the
+    pytest process); returns its stdout, and fails the test with its stderr if it fails."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=heft_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def ctrl_c_as_at_a_terminal() -> None:
     """preexec_fn for a child that a test sends SIGINT: SIGINT at its default, as in a terminal's
     foreground job. A pytest started in the background by a non-interactive shell (`pytest &` in a

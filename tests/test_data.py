@@ -92,17 +92,12 @@ def test_static_proportions_hold(tmp_path, tiny_train_config):
 def test_streaming_is_imported_without_its_text_and_vision_datasets():
     """Their imports pull in transformers' tokenizers and generation code (1.7 s of a worker's
     start-up); heft reads MDS with the base classes. They stay importable on request."""
-    import subprocess
-    import sys
-
-    from conftest import heft_env
+    from conftest import python_in_a_fresh_process
 
     script = ("import sys; from heft.data.streaming_lib import StreamingDataset; import streaming; "
               "print(sorted(m for m in ('streaming.text', 'streaming.vision', 'streaming.multimodal', "
               "'transformers.generation.utils', 'transformers.models.auto.tokenization_auto') if m in sys.modules), "
               "hasattr(streaming, 'text')); "
               "import streaming.text; print(streaming.text.StreamingC4.__name__)")
-    proc = subprocess.run([sys.executable, "-c", script], env=heft_env(), capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[:2] == ["[] False", "StreamingC4"], proc.stdout
+    out = python_in_a_fresh_process(script)
+    assert out.split("\n")[:2] == ["[] False", "StreamingC4"], out

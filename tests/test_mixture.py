@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import dump_batches, heft_env, holders_of, read_metrics, run_heft
+from conftest import dump_batches, heft_env, holders_of, python_in_a_fresh_process, read_metrics, run_heft
 from heft.data.config import DataConfig, DataConfigError, MixtureConfig
 from heft.data.controllers import DoReMi, OnlineDataMixing, Schedule, apply_floor, check_mixture
 from heft.data.mixer import DomainExhausted, DomainMixer, draw_step
@@ -246,10 +246,8 @@ def test_many_domains_cost_a_worker_few_file_descriptors(tmp_path):
     domains = 30
     prepare({f"d{i}": [f"text of domain {i} " * 40] for i in range(domains)}, tmp_path / "data",
             tokenizer="byte", seq_length=16, val_fraction=0.0)
-    proc = subprocess.run([sys.executable, "-c", _COUNT_DESCRIPTORS, str(tmp_path / "data")], env=heft_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.split()[-1]) < 4 * domains, proc.stdout  # the shards read, and one dataset's segments
+    out = python_in_a_fresh_process(_COUNT_DESCRIPTORS, str(tmp_path / "data"))
+    assert int(out.split()[-1]) < 4 * domains, out  # the shards read, and one dataset's segments
 
 # --- stale shared memory -------------------------------------------------------------------------------
 

@@ -135,10 +135,7 @@ def test_auto_attention_keeps_cpu_on_the_local_spec():
 
 def test_megatron_is_imported_with_its_fusions_compiled_on_first_call():
     """Wrapping megatron-core's fused kernels in torch.compile at import cost each worker 1.1 s."""
-    import subprocess
-    import sys
-
-    from conftest import heft_env
+    from conftest import python_in_a_fresh_process
 
     script = ("import sys, torch; real = torch.compile\n"
               "from heft.model.megatron_import import compile_on_first_call, import_megatron\n"
@@ -146,10 +143,8 @@ def test_megatron_is_imported_with_its_fusions_compiled_on_first_call():
               "from megatron.core.jit import jit_fuser\n"
               "print(jit_fuser is compile_on_first_call, torch.compile is real, "
               "'torch._inductor.compile_fx' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", script], env=heft_env(), capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["True", "True", "False"], proc.stdout
+    out = python_in_a_fresh_process(script)
+    assert out.split() == ["True", "True", "False"], out
 
 
 def test_compile_on_first_call_compiles_once_with_the_same_options(monkeypatch):
