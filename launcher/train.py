@@ -331,7 +331,7 @@ def train(cfg: HeftConfig) -> list[dict]:
             if stop or checkpoint_due(cfg, step):
                 watchdog.begin(f"checkpoint save at step {step}")
                 saved = saver.save(progress)
-            if stop and step in (t.steps, t.stop_at_step):
+            if stop and is_last_step(cfg, step):
                 # Asked to stop at the step this run ends on anyway: it is complete, and a requeue
                 # would only start a job that finds nothing to do.
                 say(f"heft: {stops.name(stop)} received at step {step}, where this run ends anyway; "
@@ -370,10 +370,14 @@ def evaluation_due(cfg: HeftConfig, step: int) -> bool:
     return bool((t.eval_interval and step % t.eval_interval == 0) or (t.eval_at_end and step == t.steps))
 
 
+def is_last_step(cfg: HeftConfig, step: int) -> bool:
+    """The step this run ends on: train.steps, or train.stop_at_step."""
+    return step in (cfg.train.steps, cfg.train.stop_at_step)
+
+
 def checkpoint_due(cfg: HeftConfig, step: int) -> bool:
     """At every checkpoint.interval steps, and always at the last step (or train.stop_at_step)."""
-    return (step in (cfg.train.steps, cfg.train.stop_at_step)
-            or bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0))
+    return is_last_step(cfg, step) or bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
 
 
 def evaluate(trainer: Trainer, step: int, stops, writer: MetricsWriter, records: list) -> int:
