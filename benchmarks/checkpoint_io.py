@@ -31,17 +31,18 @@ def _size(path: Path) -> int:
 def worker(out: str, repeats: int, overrides: list[str]) -> None:
     import torch.distributed as dist
 
-    from heft.launcher import checkpoint, checkpoint_files
+    from heft.launcher.checkpoint import files
+    from heft.launcher.train import checkpointing
     from heft.launcher.config import load_config
-    from heft.launcher.train import build_trainer
+    from heft.launcher.train.build import build_trainer
     from heft.model.parallel import shutdown
 
     cfg = load_config(REPO / "configs" / "125m.yaml", overrides)
     trainer = build_trainer(cfg)
     trainer.step(1)
-    progress = checkpoint.Progress(step=1)
+    progress = checkpointing.Progress(step=1)
     ckpt_dir = Path(cfg.train.run_dir) / "checkpoints"
-    saver = checkpoint.Saver(trainer, ckpt_dir, keep=1, async_save=cfg.checkpoint.async_save)
+    saver = checkpointing.Saver(trainer, ckpt_dir, keep=1, async_save=cfg.checkpoint.async_save)
     saves, blocking, loads = [], [], []
     for i in range(repeats):
         progress.step = 1 + i
@@ -53,11 +54,11 @@ def worker(out: str, repeats: int, overrides: list[str]) -> None:
         dist.barrier()
         saves.append(time.perf_counter() - start)
     size = _size(path)
-    state = checkpoint_files.verify(path)
+    state = files.verify(path)
     for _ in range(repeats):
         dist.barrier()
         start = time.perf_counter()
-        checkpoint.load(trainer, path, state)
+        checkpointing.load(trainer, path, state)
         dist.barrier()
         loads.append(time.perf_counter() - start)
     if trainer.layout.rank == 0:

@@ -29,7 +29,7 @@ install_on_gpu() {
   mkdir -p /tmp/heft-site/heft
   for room in launcher model reweighting data slurm; do ln -sfn "$PWD/$room" "/tmp/heft-site/heft/$room"; done
   export PYTHONPATH=/tmp/heft-site:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-  python3 -c "import torch, megatron.core, streaming, heft.launcher.train; print('torch', torch.__version__, torch.cuda.get_device_name())"
+  python3 -c "import torch, megatron.core, streaming, heft.launcher.train.loop; print('torch', torch.__version__, torch.cuda.get_device_name())"
 }
 
 case "${1:-}" in

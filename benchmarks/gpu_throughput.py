@@ -54,8 +54,8 @@ def worker(out: str, rounds: int, config: str, overrides: list[str]) -> None:
     from megatron.core.utils import get_model_config
 
     from heft.launcher.config import ReweightConfig, load_config
-    from heft.launcher.out_of_memory import is_out_of_memory
-    from heft.launcher.train import build_loss_reduction, build_trainer
+    from heft.launcher.train.out_of_memory import is_out_of_memory
+    from heft.launcher.train.build import build_loss_reduction, build_trainer
     from heft.model.parallel import shutdown
 
     cfg = load_config(config, overrides)
@@ -108,7 +108,7 @@ def case_overrides(name: str, layers: int | None = None) -> tuple[str, list[str]
 
 def widest_7b_layers(config: str, overrides: list[str]) -> int:
     """The most layers (even) of the full-width 7b that `heft plan` fits on this GPU."""
-    from heft.launcher.plan import plan
+    from heft.launcher.preflight.plan import plan
 
     for layers in range(32, 1, -2):
         _, fits = plan(str(REPO / config), [*overrides, f"model.num_layers={layers}"], gpus=1, gpu_memory_gb=None)

@@ -41,8 +41,8 @@ def measure(overrides: list[str]) -> dict:
     import torch
 
     from heft.launcher.config import load_config
-    from heft.launcher.plan import workload_for
-    from heft.launcher.train import start_processes
+    from heft.launcher.preflight.plan import workload_for
+    from heft.launcher.train.build import start_processes
     from heft.model import cpu_compat
     from heft.model.build import Backends, padded_vocab_size
     from heft.model.memory import estimate
@@ -98,9 +98,9 @@ def _steps(cfg, layout, backends) -> None:
     from megatron.core.utils import get_model_config
 
     from heft.data.loader import Batch
-    from heft.launcher.optim import build_optimizer
-    from heft.launcher.step import train_step
-    from heft.launcher.train import build_loss_reduction, build_model
+    from heft.launcher.train.optim import build_optimizer
+    from heft.launcher.train.step import train_step
+    from heft.launcher.train.build import build_loss_reduction, build_model
 
     chunks = build_model(cfg, VOCAB, backends)
     optimizer, scheduler = build_optimizer(cfg, chunks, bf16=backends.cuda)

@@ -43,7 +43,7 @@ def worker(out: str, rounds: int, overrides: list[str]) -> None:
     from megatron.core.utils import get_model_config
 
     from heft.launcher.config import ReweightConfig, load_config
-    from heft.launcher.train import build_loss_reduction, build_trainer
+    from heft.launcher.train.build import build_loss_reduction, build_trainer
     from heft.model.parallel import shutdown
 
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides)

@@ -42,7 +42,7 @@ def _bare_step(trainer, batch) -> None:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.utils import get_model_config
 
-    from heft.launcher.step import device
+    from heft.launcher.train.step import device
 
     get_model_config(trainer.chunks[0]).finalize_model_grads_func = finalize_model_grads
     for chunk in trainer.chunks:
@@ -74,9 +74,9 @@ def _bare_step(trainer, batch) -> None:
 
 
 def _split_step(trainer, step: int, clock) -> dict[str, float]:
-    """heft's step in its public pieces (launcher/step.py's train_step, then the loop's record)."""
-    from heft.launcher.step import apply_update, run_schedule
-    from heft.launcher.train import Throughput, step_record
+    """heft's step in its public pieces (launcher/train/step.py's train_step, then the loop's record)."""
+    from heft.launcher.train.step import apply_update, run_schedule
+    from heft.launcher.train.loop import Throughput, step_record
 
     times = {}
     start = clock()
@@ -100,7 +100,7 @@ def _split_step(trainer, step: int, clock) -> dict[str, float]:
         trainer.scheduler.step(increment=1)
     times["optimizer"] = clock() - start
     start = clock()
-    from heft.launcher.step import StepResult
+    from heft.launcher.train.step import StepResult
 
     throughput = Throughput()
     throughput.add(1.0, report.tokens)
@@ -113,7 +113,8 @@ def worker(out: str, rounds: int, config: str, overrides: list[str]) -> None:
     import torch
 
     from heft.launcher.config import load_config
-    from heft.launcher.train import Throughput, build_trainer, step_record
+    from heft.launcher.train.build import build_trainer
+    from heft.launcher.train.loop import Throughput, step_record
     from heft.model.parallel import shutdown
 
     def clock() -> float:

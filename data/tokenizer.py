@@ -25,6 +25,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def vocabulary(self) -> dict[str, int]: ...
+
+    def same_as(self, other: Tokenizer) -> bool: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes are token ids 0..255; 256 is end-of-document."""
@@ -44,6 +48,13 @@ class ByteTokenizer:
         import numpy as np
 
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def vocabulary(self) -> dict[str, int]:
+        """Token string -> id, in the byte-level alphabet Hugging Face's BPE tokenizers use."""
+        return byte_tokenizer_backend().get_vocab(True)
+
+    def same_as(self, other: Tokenizer) -> bool:
+        return same_tokens(self, other)
 
     def save(self, directory: Path) -> dict:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
@@ -95,6 +106,13 @@ class BPETokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([i for i in ids if i != self.eos_id], skip_special_tokens=False)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token string -> id, special tokens included."""
+        return self._tok.get_vocab(True)
+
+    def same_as(self, other: Tokenizer) -> bool:
+        return same_tokens(self, other)
+
     def save(self, directory: Path) -> dict:
         path = directory / self.FILE
         self._tok.save(str(path))
@@ -133,6 +151,15 @@ def load_existing(path: str | Path) -> BPETokenizer:
             return BPETokenizer(backend, backend.token_to_id(name), kind="hf")
     raise ValueError(f"--tokenizer {file} has none of the end-of-document tokens {', '.join(EOS_CANDIDATES)}; "
                      f"add an eos_token to its tokenizer_config.json")
+
+
+def same_tokens(a: Tokenizer, b: Tokenizer) -> bool:
+    """heft's one definition of "the same tokenizer" for two loaded tokenizers: every token id
+    stands for the same token, so a model's embedding rows mean the same with either (what a model
+    trained on one needs of data tokenized by the other). Checkpoints and datasets also record a
+    sha256 of their tokenizer's file, which resuming compares without loading anything
+    (checkpoint/contents.check_same_tokenizer)."""
+    return a.vocab_size == b.vocab_size and a.vocabulary() == b.vocabulary()
 
 
 def load_tokenizer(data_dir: Path, spec: dict) -> Tokenizer:

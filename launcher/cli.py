@@ -22,47 +22,17 @@ import os
 import sys
 from pathlib import Path
 
-from heft.launcher import output
+from heft.launcher.launch import known_warnings
 
-output.filter_known_warnings()
+known_warnings.filter_known_warnings()
 
 import yaml  # noqa: E402
 
-
-class UsageError(Exception):
-    pass
+from heft.launcher.launch.reporting import USER_ERRORS, UserError  # noqa: E402
 
 
-def _check_before_launch(cfg) -> str | None:
-    """Checks that need the data and the run directory but no processes, so a run that cannot work
-    fails here in one line rather than in every worker. Returns a line to print instead of
-    launching when the run directory's checkpoint already reached train.steps."""
-    from heft.data.controllers import check_mixture
-    from heft.data.loader import check_sequence_length, domain_proportions
-    from heft.data.verify import check_enough_samples, verify_dataset
-    from heft.launcher.rundir import already_finished, check_writable, decide_start
-
-    manifest = verify_dataset(cfg.data.path)
-    check_sequence_length(manifest, cfg.model.seq_length, cfg.data.path)
-    weights = domain_proportions(manifest, cfg.data.proportions)
-    check_enough_samples(manifest, weights, cfg.train.global_batch_size, cfg.data.path)
-    check_mixture(cfg.mixture, [d["name"] for d in manifest["domains"]], cfg.data.path)
-    if cfg.train.eval_interval or cfg.train.eval_at_end:
-        from heft.data.loader import check_has_validation
-
-        check_has_validation(manifest, cfg.data.path)
-    if cfg.checkpoint.init_hf:
-        from heft.data.tokenizer import load_tokenizer
-        from heft.model.hf_import import HFImportError, check_fits
-
-        try:
-            check_fits(cfg.checkpoint.init_hf, cfg.model, load_tokenizer(cfg.data.path, manifest["tokenizer"]))
-        except HFImportError as exc:
-            from heft.launcher.config import ConfigError
-
-            raise ConfigError(str(exc)) from None
-    check_writable(cfg.train.run_dir)
-    return already_finished(cfg, decide_start(cfg, warn=lambda line: print(line, file=sys.stderr)))
+class UsageError(UserError):
+    """The command line cannot work as given."""
 
 
 def processes_per_node(args, cfg) -> int:
@@ -73,18 +43,20 @@ def processes_per_node(args, cfg) -> int:
     return cfg.parallel.model_parallel_size() * (cfg.parallel.data or 1)
 
 
-def torchrun_arguments(args, cfg) -> list[str]:
-    from heft.launcher.launch import torchrun_arguments as build
+def train_launch_arguments(args, cfg) -> list[str]:
+    """The torchrun arguments ``heft train``'s options ask for on this node."""
+    from heft.launcher.launch.agent import torchrun_arguments
 
     if args.nnodes > 1 and not args.rdzv_endpoint:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
-    return build(processes_per_node(args, cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id,
-                 args.node_rank, [args.config, *args.overrides])
+    return torchrun_arguments(processes_per_node(args, cfg), args.nnodes, args.rdzv_endpoint, args.rdzv_id,
+                              args.node_rank, [args.config, *args.overrides])
 
 
 def cmd_train(args) -> int:
     from heft.launcher.config import load_config, validate
-    from heft.launcher.environment import prepare_worker_environment
+    from heft.launcher.launch.environment import prepare_worker_environment
+    from heft.launcher.launch.stop import hold_stop_signals
 
     # With --rdzv-endpoint this process launches its node's workers, also inside an srun task (one
     # task per node, as `heft submit` runs it); otherwise an srun task is itself a worker.
@@ -94,17 +66,17 @@ def cmd_train(args) -> int:
         return worker_main([args.config, *args.overrides])
     if args.nnodes > 1 and not args.rdzv_endpoint:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
-    stop_request = _hold_stop_signals()
+    stop_request = hold_stop_signals()
     if args.nnodes > 1 and args.node_rank is None and "SLURM_NODEID" in os.environ:
         args.node_rank = int(os.environ["SLURM_NODEID"])
     cfg = load_config(args.config, args.overrides)
     world_size = processes_per_node(args, cfg) * args.nnodes
     validate(cfg, world_size=world_size)
-    from heft.launcher.train import check_backends
+    from heft.launcher.preflight.checks import check_backends, check_before_launch
     from heft.model.build import Backends
 
     check_backends(cfg, Backends.detect())
-    finished = _check_before_launch(cfg)
+    finished = check_before_launch(cfg)
     if finished:
         print(finished)
         return 0
@@ -112,9 +84,15 @@ def cmd_train(args) -> int:
         print(f"heft: {stop_request[0].name} received before the workers started; nothing new to "
               f"save, exiting with status 75 so the job can be requeued", file=sys.stderr)
         return 75
-    from heft.launcher import runstate
-    from heft.launcher.launch import run_workers, stop_file
-    from heft.launcher.rundir import rerun_hint
+    return _launch_training(args, cfg, world_size)
+
+
+def _launch_training(args, cfg, world_size: int) -> int:
+    """Run this node's workers; node 0 keeps the run's state file and the stop file."""
+    from heft.launcher.checkpoint.start import rerun_hint
+    from heft.launcher.launch import runstate
+    from heft.launcher.launch.agent import run_workers
+    from heft.launcher.launch.stop import stop_file
 
     node0 = not args.node_rank
     stop_path = stop_file(cfg.train.run_dir)
@@ -123,25 +101,12 @@ def cmd_train(args) -> int:
     state = runstate.RunStateFile(cfg, world_size, args.nnodes, enabled=node0)
     state.started()
     printed: list[str] = []
-    status = run_workers(torchrun_arguments(args, cfg), world_size, verbose=output.verbose(),
+    status = run_workers(train_launch_arguments(args, cfg), world_size, verbose=known_warnings.verbose(),
                          printed=printed, stop_path=stop_path, after_ctrl_c=lambda: rerun_hint(cfg))
     if node0 and status == 75:
         stop_path.unlink(missing_ok=True)  # honoured
     state.ended(status, printed)
     return status
-
-
-def _hold_stop_signals() -> list:
-    """Until the workers start, a stop signal (SIGUSR1/SIGTERM: preemption, the time limit) is
-    remembered rather than fatal; the returned list holds it. run_workers then forwards them."""
-    import signal
-
-    from heft.launcher.preemption import STOP_SIGNALS
-
-    received: list = []
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum)))
-    return received
 
 
 def cmd_prepare(args) -> int:
@@ -202,13 +167,13 @@ def cmd_config(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from heft.launcher import plan
+    from heft.launcher.preflight import plan
 
     return plan.main(args.config, args.overrides, args.gpus, args.gpu_memory)
 
 
 def cmd_plot(args) -> int:
-    from heft.launcher.plot import plot_run
+    from heft.launcher.metrics.plot import plot_run
 
     try:
         out = plot_run(args.run_dir, args.out)
@@ -219,33 +184,30 @@ def cmd_plot(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from heft.launcher.eval_run import plan
-    from heft.launcher.launch import run_workers, torchrun_arguments
-    from heft.launcher.worker import EVAL_FLAG
+    from heft.launcher.evaluate.heldout import EVAL_FLAG, EvalPlan
+    from heft.launcher.launch.agent import run_workers, torchrun_arguments
 
-    p = plan(args.checkpoint, args.data, args.nproc, args.micro_batch_size, args.max_batches, args.overrides)
+    p = EvalPlan.from_command(args.checkpoint, args.data, args.nproc, args.micro_batch_size,
+                              args.max_batches, args.overrides)
     return run_workers(torchrun_arguments(p.world_size, 1, None, "heft-eval", None,
                                           [EVAL_FLAG, str(p.checkpoint), *p.overrides]),
-                       p.world_size, verbose=output.verbose())
+                       p.world_size, verbose=known_warnings.verbose())
 
 
 def cmd_export_hf(args) -> int:
-    from heft.launcher.hf_export import ExportError, export
-    from heft.launcher.inference import resolve_checkpoint
+    from heft.launcher.checkpoint.export_hf import export
+    from heft.launcher.checkpoint.files import resolve_checkpoint
 
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        out = export(checkpoint, Path(args.out))
-    except ExportError as exc:
-        raise UsageError(str(exc)) from None
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    out = export(checkpoint, Path(args.out))
     print(f"heft: exported {checkpoint} to {out}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from heft.launcher.generate import Sampling, continue_tokens
-    from heft.launcher.inference import LoadedModel
+    from heft.launcher.evaluate.generate import Sampling, print_continuation
+    from heft.launcher.evaluate.inference import LoadedModel
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed)
     try:
@@ -259,23 +221,14 @@ def cmd_generate(args) -> int:
     if len(prompt) + sampling.max_new_tokens > model.seq_length:
         print(f"heft: note: prompt + {sampling.max_new_tokens} new tokens exceed the model's context of "
               f"{model.seq_length} tokens; each step sees the last {model.seq_length}", file=sys.stderr)
-    print(args.prompt, end="", flush=True)
-    new: list[int] = []
-    shown = ""
-    for token in continue_tokens(model, prompt, sampling):
-        new.append(token)
-        text = model.tokenizer.decode(new)  # whole-text decode: multi-byte characters come out whole
-        if not text.endswith("\ufffd"):
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-    print(model.tokenizer.decode(new)[len(shown):], flush=True)
+    print_continuation(model, args.prompt, prompt, sampling)
     model.close()
     return 0
 
 
 def cmd_lm_eval(args) -> int:
     try:
-        from heft.launcher import lm_eval_model
+        from heft.launcher.evaluate import lm_eval_model
     except ImportError as exc:
         raise UsageError(f"heft lm-eval needs lm-evaluation-harness ({exc}); "
                          f"pip install 'heft[eval]'") from None
@@ -283,7 +236,7 @@ def cmd_lm_eval(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from heft.launcher import submit
+    from heft.launcher.jobs import submit
 
     options = submit.SubmitOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
@@ -296,8 +249,8 @@ def cmd_submit(args) -> int:
         raise UsageError("--nodes must be >= 1, --grace and --max-requeues >= 0")
     submit.check_time(options)
     sweep = submit.read_sweep(args.sweep) if args.sweep else None
-    created = [] if not args.dry_run else _missing_dirs(args, sweep)
-    members = submit.plan(args.config, args.overrides, options, sweep, check_run=_check_before_launch)
+    created = submit.dirs_the_checks_create(args.config, args.overrides, sweep) if args.dry_run else []
+    members = submit.members(args.config, args.overrides, options, sweep)
     home = members[0].run_dir  # holds the script and the job's logs; a sweep's parent directory
     if sweep:
         from heft.launcher.config import load_config
@@ -306,7 +259,7 @@ def cmd_submit(args) -> int:
     script_text = submit.render(args.config, members, options, home, sweep=bool(sweep))
     if args.dry_run:
         for directory in created:  # the checks made them; a dry run leaves nothing behind
-            _remove_if_empty(directory)
+            submit.remove_if_empty(directory)
         print(script_text, end="")
         return 0
     script = home / "slurm" / submit.SCRIPT_NAME
@@ -320,29 +273,8 @@ def cmd_submit(args) -> int:
     return 0
 
 
-def _missing_dirs(args, sweep) -> list[Path]:
-    """Run directories a dry run's checks would create (removed again afterwards)."""
-    from heft.launcher.config import load_config
-
-    run_dir = Path(load_config(args.config, args.overrides).train.run_dir).resolve()
-    missing = [d for d in [run_dir, *[run_dir / f"sweep-{i}" for i in range(len(sweep or []))]]
-               if not d.exists()]
-    top = run_dir
-    while not top.parent.exists():  # parents the checks would create too (runs/ of runs/x)
-        top = top.parent
-    return missing + ([top] if top != run_dir and not top.exists() else [])
-
-
-def _remove_if_empty(directory: Path) -> None:
-    for path in sorted([directory, *directory.rglob("*")], key=lambda p: len(p.parts), reverse=True):
-        try:
-            path.rmdir()
-        except OSError:
-            pass
-
-
 def cmd_status(args) -> int:
-    from heft.launcher.status import collect, format_status
+    from heft.launcher.jobs.status import collect, format_status
 
     print(format_status(collect(args.run_dir)))
     return 0
@@ -350,16 +282,16 @@ def cmd_status(args) -> int:
 
 def cmd_job_event(args) -> int:
     """Called by the batch script heft submit renders (slurm/heft.sbatch.j2), not by people."""
-    from heft.launcher import slurm_job
+    from heft.launcher.jobs import requeue
 
     if args.event == "start":
-        slurm_job.record_start(args.run_dir)
+        requeue.record_start(args.run_dir)
         return 0
     if args.status is None:
         raise UsageError("job-event end needs --status")
-    requeue, line = slurm_job.record_end(args.run_dir, args.status, args.max_requeues, args.terminated)
+    again, line = requeue.record_end(args.run_dir, args.status, args.max_requeues, args.terminated)
     print(line, file=sys.stderr, flush=True)
-    return 0 if requeue else 1
+    return 0 if again else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,143 +300,179 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show every upstream warning and the launcher's logs")
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="{train,prepare,config,plot,submit,status,eval,export-hf,generate,lm-eval}")
-
-    train = sub.add_parser("train", help="train a model (launches torchrun unless already a worker)")
-    train.add_argument("config")
-    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tensor=2")
-    train.add_argument("--nproc-per-node", type=int, default=None,
-                       help="processes on this node (default: TP*PP*CP*DP of the config)")
-    train.add_argument("--nnodes", type=int, default=1)
-    train.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT for multi-node rendezvous")
-    train.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="show every upstream warning and the launcher's logs")
-    train.add_argument("--node-rank", type=int, default=None, help="this node's rank (multi-node)")
-    train.add_argument("--rdzv-id", default="heft")
-    train.set_defaults(func=cmd_train)
-
-    prep = sub.add_parser("prepare", help="tokenize and pack text into per-domain MDS datasets")
-    prep.add_argument("--demo", metavar="OUT", help="build the embedded demo corpus into OUT")
-    prep.add_argument("--domain", action="append", metavar="NAME=PATH[,PATH]",
-                      help="a domain and its files, directories or globs of .txt, .jsonl, .jsonl.gz, "
-                      ".jsonl.zst, .parquet (repeatable)")
-    prep.add_argument("--input", action="append", metavar="PATH",
-                      help="with --domain-field: files, directories or globs whose records name their domain")
-    prep.add_argument("--domain-field", help="record field naming the domain, e.g. meta.redpajama_set_name")
-    prep.add_argument("--text-field", default="text", help="record field holding the text (default text)")
-    prep.add_argument("--out", help="output directory (new, empty, or an earlier heft dataset)")
-    prep.add_argument("--tokenizer", default="byte",
-                      help="byte, bpe (trained on the corpus), or a tokenizer.json / Hugging Face "
-                      "tokenizer directory (default byte)")
-    prep.add_argument("--seq-length", type=int, default=128)
-    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
-    prep.add_argument("--val-fraction", type=float, default=0.02,
-                      help="share of documents held out, chosen by a hash of each document")
-    prep.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
-    prep.add_argument("--skip-bad-records", action="store_true",
-                      help="count and skip malformed records instead of stopping at the first")
-    prep.set_defaults(func=cmd_prepare)
-
-    show = sub.add_parser("config", help="print the resolved, validated config")
-    show.add_argument("config")
-    show.add_argument("overrides", nargs="*")
-    show.set_defaults(func=cmd_config)
-
-    plan = sub.add_parser("plan", help="estimate per-GPU memory and FLOPs of a layout: does it fit, "
-                                       "and the largest micro batch that does (exit 1 if not)")
-    plan.add_argument("config")
-    plan.add_argument("overrides", nargs="*")
-    plan.add_argument("--gpus", type=int, help="processes in the job (default: parallel.data x "
-                      "TP x PP x CP, or one data-parallel replica)")
-    plan.add_argument("--gpu-memory", type=float, metavar="GB",
-                      help="memory per GPU in GiB, as nvidia-smi shows it (80 for an 80 GB H100, 141 "
-                           "for an H200); default: this machine's GPU, or its host memory without one")
-    plan.set_defaults(func=cmd_plan)
-
-    plot = sub.add_parser("plot", help="plot a run's loss, per-domain loss, weights and ESS")
-    plot.add_argument("run_dir")
-    plot.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/plots.png)")
-    plot.set_defaults(func=cmd_plot)
-
-    sub_ = sub.add_parser("submit", help="check a config, render an sbatch script and submit it to Slurm",
-                          description="Checks the config, data and run directory as `heft train` "
-                          "would, renders slurm/heft.sbatch.j2 into RUN_DIR/slurm/heft.sbatch and "
-                          "submits it: one `heft train` per node, c10d rendezvous on the first node, "
-                          "save on a preemption or --grace seconds before the time limit, requeue, "
-                          "resume.")
-    sub_.add_argument("config")
-    sub_.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for heft train")
-    sub_.add_argument("--nodes", type=int, default=1)
-    sub_.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU nodes (gloo)")
-    sub_.add_argument("--procs-per-node", type=int, default=None,
-                      help="workers per node (default: --gpus-per-node, or world size / nodes)")
-    sub_.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
-    sub_.add_argument("--grace", type=int, default=300,
-                      help="seconds before the time limit at which the run saves and stops (default 300)")
-    sub_.add_argument("--partition")
-    sub_.add_argument("--account")
-    sub_.add_argument("--cpus-per-task", type=int, help="cores per node for heft's task")
-    sub_.add_argument("--mem", help="memory per node, e.g. 200G")
-    sub_.add_argument("--exclusive", action="store_true")
-    sub_.add_argument("--dependency", help="sbatch --dependency, e.g. afterok:1234")
-    sub_.add_argument("--sweep", metavar="FILE",
-                      help="a job array: one line of key=value overrides per array index")
-    sub_.add_argument("--max-parallel", type=int, default=None,
-                      help="with --sweep: array indices running at once (default: as many as fit)")
-    sub_.add_argument("--max-requeues", type=int, default=20,
-                      help="stop requeueing after this many (default 20)")
-    sub_.add_argument("--job-name")
-    sub_.add_argument("--sbatch-arg", action="append", metavar="ARG",
-                      help="a further #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
-    sub_.add_argument("--env", action="append", metavar="KEY=VALUE",
-                      help="export in the job, e.g. NCCL_SOCKET_IFNAME=ib0 (repeatable)")
-    sub_.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
-    sub_.set_defaults(func=cmd_submit)
-
-    status = sub.add_parser("status", help="where a run stands: state, step, loss, speed, ETA, checkpoint")
-    status.add_argument("run_dir")
-    status.set_defaults(func=cmd_status)
-
-    ev = sub.add_parser("eval", help="held-out loss and perplexity per domain of a checkpoint",
-                        description="Loads a checkpoint (or a run directory's newest) under any layout "
-                        "the processes fit (default: one process), evaluates every domain's validation "
-                        "split, prints a table and writes CHECKPOINT.eval.json beside it.")
-    ev.add_argument("checkpoint", help="a checkpoint directory or a run directory")
-    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor=2")
-    ev.add_argument("--data", help="a prepared dataset (default: the one the checkpoint trained on)")
-    ev.add_argument("--nproc", type=int, help="processes (default: TP*PP*CP of the overrides, i.e. 1)")
-    ev.add_argument("--micro-batch-size", type=int, help="default: the training run's")
-    ev.add_argument("--max-batches", type=int,
-                    help="validation microbatches per data-parallel replica (default: all)")
-    ev.set_defaults(func=cmd_eval)
-
-    exp = sub.add_parser("export-hf", help="write a Hugging Face Llama directory from a checkpoint")
-    exp.add_argument("checkpoint", help="a checkpoint directory or a run directory")
-    exp.add_argument("out", help="output directory (new, or an earlier heft export)")
-    exp.set_defaults(func=cmd_export_hf)
-
-    gen = sub.add_parser("generate", help="sample a continuation of a prompt from a checkpoint")
-    gen.add_argument("checkpoint", help="a checkpoint directory or a run directory")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=100)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    gen.set_defaults(func=cmd_generate)
-
-    lm = sub.add_parser("lm-eval", help="lm-evaluation-harness's command with the heft model registered",
-                        add_help=False)
-    lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
-    lm.set_defaults(func=cmd_lm_eval)
-
-    event = sub.add_parser("job-event")  # the batch script's bookkeeping; not listed in the help
-    event.add_argument("event", choices=["start", "end"])
-    event.add_argument("run_dir")
-    event.add_argument("--status", type=int)
-    event.add_argument("--max-requeues", type=int, default=20)
-    event.add_argument("--terminated", action="store_true", help="the batch script got SIGTERM")
-    event.set_defaults(func=cmd_job_event)
+    _add_train_parser(sub)
+    _add_prepare_parser(sub)
+    _add_config_parser(sub)
+    _add_plan_parser(sub)
+    _add_plot_parser(sub)
+    _add_submit_parser(sub)
+    _add_status_parser(sub)
+    _add_eval_parser(sub)
+    _add_export_hf_parser(sub)
+    _add_generate_parser(sub)
+    _add_lm_eval_parser(sub)
+    _add_job_event_parser(sub)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    command = sub.add_parser("train", help="train a model (launches torchrun unless already a worker)")
+    command.add_argument("config")
+    command.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tensor=2")
+    command.add_argument("--nproc-per-node", type=int, default=None,
+                         help="processes on this node (default: TP*PP*CP*DP of the config)")
+    command.add_argument("--nnodes", type=int, default=1)
+    command.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT for multi-node rendezvous")
+    command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="show every upstream warning and the launcher's logs")
+    command.add_argument("--node-rank", type=int, default=None, help="this node's rank (multi-node)")
+    command.add_argument("--rdzv-id", default="heft")
+    command.set_defaults(func=cmd_train)
+
+
+def _add_prepare_parser(sub) -> None:
+    command = sub.add_parser("prepare", help="tokenize and pack text into per-domain MDS datasets")
+    command.add_argument("--demo", metavar="OUT", help="build the embedded demo corpus into OUT")
+    command.add_argument("--domain", action="append", metavar="NAME=PATH[,PATH]",
+                         help="a domain and its files, directories or globs of .txt, .jsonl, .jsonl.gz, "
+                         ".jsonl.zst, .parquet (repeatable)")
+    command.add_argument("--input", action="append", metavar="PATH",
+                         help="with --domain-field: files, directories or globs whose records name their domain")
+    command.add_argument("--domain-field", help="record field naming the domain, e.g. meta.redpajama_set_name")
+    command.add_argument("--text-field", default="text", help="record field holding the text (default text)")
+    command.add_argument("--out", help="output directory (new, empty, or an earlier heft dataset)")
+    command.add_argument("--tokenizer", default="byte",
+                         help="byte, bpe (trained on the corpus), or a tokenizer.json / Hugging Face "
+                         "tokenizer directory (default byte)")
+    command.add_argument("--seq-length", type=int, default=128)
+    command.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    command.add_argument("--val-fraction", type=float, default=0.02,
+                         help="share of documents held out, chosen by a hash of each document")
+    command.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
+    command.add_argument("--skip-bad-records", action="store_true",
+                         help="count and skip malformed records instead of stopping at the first")
+    command.set_defaults(func=cmd_prepare)
+
+
+def _add_config_parser(sub) -> None:
+    command = sub.add_parser("config", help="print the resolved, validated config")
+    command.add_argument("config")
+    command.add_argument("overrides", nargs="*")
+    command.set_defaults(func=cmd_config)
+
+
+def _add_plan_parser(sub) -> None:
+    command = sub.add_parser("plan", help="estimate per-GPU memory and FLOPs of a layout: does it fit, "
+                                          "and the largest micro batch that does (exit 1 if not)")
+    command.add_argument("config")
+    command.add_argument("overrides", nargs="*")
+    command.add_argument("--gpus", type=int, help="processes in the job (default: parallel.data x "
+                         "TP x PP x CP, or one data-parallel replica)")
+    command.add_argument("--gpu-memory", type=float, metavar="GB",
+                         help="memory per GPU in GiB, as nvidia-smi shows it (80 for an 80 GB H100, 141 "
+                              "for an H200); default: this machine's GPU, or its host memory without one")
+    command.set_defaults(func=cmd_plan)
+
+
+def _add_plot_parser(sub) -> None:
+    command = sub.add_parser("plot", help="plot a run's loss, per-domain loss, weights and ESS")
+    command.add_argument("run_dir")
+    command.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/plots.png)")
+    command.set_defaults(func=cmd_plot)
+
+
+def _add_submit_parser(sub) -> None:
+    command = sub.add_parser("submit", help="check a config, render an sbatch script and submit it to Slurm",
+                             description="Checks the config, data and run directory as `heft train` "
+                             "would, renders slurm/heft.sbatch.j2 into RUN_DIR/slurm/heft.sbatch and "
+                             "submits it: one `heft train` per node, c10d rendezvous on the first node, "
+                             "save on a preemption or --grace seconds before the time limit, requeue, "
+                             "resume.")
+    command.add_argument("config")
+    command.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for heft train")
+    command.add_argument("--nodes", type=int, default=1)
+    command.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU nodes (gloo)")
+    command.add_argument("--procs-per-node", type=int, default=None,
+                         help="workers per node (default: --gpus-per-node, or world size / nodes)")
+    command.add_argument("--time", default="01:00:00", help="time limit (default 01:00:00)")
+    command.add_argument("--grace", type=int, default=300,
+                         help="seconds before the time limit at which the run saves and stops (default 300)")
+    command.add_argument("--partition")
+    command.add_argument("--account")
+    command.add_argument("--cpus-per-task", type=int, help="cores per node for heft's task")
+    command.add_argument("--mem", help="memory per node, e.g. 200G")
+    command.add_argument("--exclusive", action="store_true")
+    command.add_argument("--dependency", help="sbatch --dependency, e.g. afterok:1234")
+    command.add_argument("--sweep", metavar="FILE",
+                         help="a job array: one line of key=value overrides per array index")
+    command.add_argument("--max-parallel", type=int, default=None,
+                         help="with --sweep: array indices running at once (default: as many as fit)")
+    command.add_argument("--max-requeues", type=int, default=20,
+                         help="stop requeueing after this many (default 20)")
+    command.add_argument("--job-name")
+    command.add_argument("--sbatch-arg", action="append", metavar="ARG",
+                         help="a further #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
+    command.add_argument("--env", action="append", metavar="KEY=VALUE",
+                         help="export in the job, e.g. NCCL_SOCKET_IFNAME=ib0 (repeatable)")
+    command.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+    command.set_defaults(func=cmd_submit)
+
+
+def _add_status_parser(sub) -> None:
+    command = sub.add_parser("status", help="where a run stands: state, step, loss, speed, ETA, checkpoint")
+    command.add_argument("run_dir")
+    command.set_defaults(func=cmd_status)
+
+
+def _add_eval_parser(sub) -> None:
+    command = sub.add_parser("eval", help="held-out loss and perplexity per domain of a checkpoint",
+                             description="Loads a checkpoint (or a run directory's newest) under any layout "
+                             "the processes fit (default: one process), evaluates every domain's validation "
+                             "split, prints a table and writes CHECKPOINT.eval.json beside it.")
+    command.add_argument("checkpoint", help="a checkpoint directory or a run directory")
+    command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tensor=2")
+    command.add_argument("--data", help="a prepared dataset (default: the one the checkpoint trained on)")
+    command.add_argument("--nproc", type=int, help="processes (default: TP*PP*CP of the overrides, i.e. 1)")
+    command.add_argument("--micro-batch-size", type=int, help="default: the training run's")
+    command.add_argument("--max-batches", type=int,
+                         help="validation microbatches per data-parallel replica (default: all)")
+    command.set_defaults(func=cmd_eval)
+
+
+def _add_export_hf_parser(sub) -> None:
+    command = sub.add_parser("export-hf", help="write a Hugging Face Llama directory from a checkpoint")
+    command.add_argument("checkpoint", help="a checkpoint directory or a run directory")
+    command.add_argument("out", help="output directory (new, or an earlier heft export)")
+    command.set_defaults(func=cmd_export_hf)
+
+
+def _add_generate_parser(sub) -> None:
+    command = sub.add_parser("generate", help="sample a continuation of a prompt from a checkpoint")
+    command.add_argument("checkpoint", help="a checkpoint directory or a run directory")
+    command.add_argument("--prompt", required=True)
+    command.add_argument("--max-new-tokens", type=int, default=100)
+    command.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    command.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    command.set_defaults(func=cmd_generate)
+
+
+def _add_lm_eval_parser(sub) -> None:
+    command = sub.add_parser("lm-eval", help="lm-evaluation-harness's command with the heft model registered",
+                             add_help=False)
+    command.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    command.set_defaults(func=cmd_lm_eval)
+
+
+def _add_job_event_parser(sub) -> None:
+    command = sub.add_parser("job-event")  # the batch script's bookkeeping; not listed in the help
+    command.add_argument("event", choices=["start", "end"])
+    command.add_argument("run_dir")
+    command.add_argument("--status", type=int)
+    command.add_argument("--max-requeues", type=int, default=20)
+    command.add_argument("--terminated", action="store_true", help="the batch script got SIGTERM")
+    command.set_defaults(func=cmd_job_event)
 
 
 def _lm_eval_arguments(argv: list[str]) -> list[str] | None:
@@ -518,10 +486,6 @@ def _lm_eval_arguments(argv: list[str]) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from heft.data.config import DataConfigError
-    from heft.launcher.checkpoint_files import CheckpointError
-    from heft.launcher.config import ConfigError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     passed_on = _lm_eval_arguments(argv)
     if passed_on is not None:  # all of them are lm-eval's, options first: argparse would take them
@@ -535,11 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     if args.verbose:
-        os.environ[output.VERBOSE_VAR] = "1"  # the workers inherit it
+        os.environ[known_warnings.VERBOSE_VAR] = "1"  # the workers inherit it
     try:
         return args.func(args) or 0
-    except (ConfigError, DataConfigError, CheckpointError, UsageError, FileNotFoundError,
-            FileExistsError, PermissionError) as exc:
+    except USER_ERRORS as exc:
         print(f"heft: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,13 +24,14 @@ from typing import Any
 import yaml
 
 from heft.data.config import DataConfig, MixtureConfig
+from heft.launcher.launch.reporting import UserError
 from heft.model.config import ModelConfig, ParallelConfig
 from heft.reweighting.config import ReweightConfig
 
 ADAM_IMPLS = ("auto", "fused", "foreach")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot work. The message names the problem and the fix."""
 
 
@@ -73,6 +74,19 @@ class OptimConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"optim.{name} must be >= 0, got {value}")
+
+
+def adam_impl(o: OptimConfig, cuda: bool | None = None) -> str:
+    """The AdamW kernel a run uses (on CUDA when ``cuda``, by default where this process runs):
+    ``auto`` is fused on CUDA and foreach on CPU. Here, not in train/optim.py, because ``heft plan``
+    (preflight/) asks it for a GPU it is not running on."""
+    if o.adam_impl != "auto":
+        return o.adam_impl
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return "fused" if cuda else "foreach"
 
 
 @dataclass
@@ -118,6 +132,10 @@ class TrainConfig:
     step_timeout_s: float = 1800.0
     """Watchdog: a step (or evaluation, or checkpoint save) that runs longer than this ends the job
     with an error naming the step and the ranks that stopped responding. 0 disables it."""
+
+    def is_last_step(self, step: int) -> bool:
+        """The step this run ends on: train.steps, or train.stop_at_step."""
+        return step in (self.steps, self.stop_at_step)
 
     def check(self) -> None:
         if self.steps < 1 or self.log_interval < 1:

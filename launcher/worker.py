@@ -1,7 +1,10 @@
 """Worker entry point: ``python -m heft.launcher.worker CONFIG [key=value ...]`` under torchrun or srun.
 
 Every way a worker can end is turned into an exit status and, for failures, one report
-(``launcher/reporting.py``); the launching ``heft train`` prints each distinct one once.
+(``launch/reporting.py``); the launching ``heft train`` prints each distinct one once.
+
+Importing this module changes nothing in the process: what a worker sets process-wide (the
+Ctrl-C policy, stop-signal handlers, warning filters) happens first thing in :func:`main`.
 """
 
 from __future__ import annotations
@@ -9,16 +12,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-
-from heft.launcher import output, preemption
-
-preemption.die_on_ctrl_c()  # until training starts (launcher/train.py): nothing to lose yet
-output.filter_known_warnings()  # before megatron-core and streaming are imported
-preemption.listen()  # a stop signal during start-up is honoured at the first step, not fatal
-
-
-EVAL_FLAG = "--eval"
-"""``python -m heft.launcher.worker --eval CHECKPOINT [key=value ...]`` evaluates instead of training."""
 
 
 def _exit_within(seconds: float, status: int) -> None:
@@ -30,16 +23,20 @@ def _exit_within(seconds: float, status: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from heft.launcher.launch import known_warnings, stop
+
+    stop.die_on_ctrl_c()  # until training starts (train/loop.py): nothing to lose yet
+    known_warnings.filter_known_warnings()  # before megatron-core and streaming are imported
+    stop.listen()  # a stop signal during start-up is honoured at the first step, not fatal
     from heft.model.megatron_import import import_megatron
 
     import_megatron()  # before anything imports megatron-core: its fusions then cost no start-up
-    from heft.data.config import DataConfigError
-    from heft.launcher import reporting
-    from heft.launcher.checkpoint_files import CheckpointError
-    from heft.launcher.config import ConfigError, load_config
-    from heft.launcher.environment import prepare_worker_environment
-    from heft.launcher.out_of_memory import OutOfMemory
-    from heft.launcher.train import CollectiveFailure, NonFiniteLossError, StopForRequeue, train
+    from heft.launcher.config import load_config
+    from heft.launcher.evaluate.heldout import EVAL_FLAG
+    from heft.launcher.launch import reporting
+    from heft.launcher.launch.environment import prepare_worker_environment
+    from heft.launcher.train.loop import CollectiveFailure, NonFiniteLossError, StopForRequeue, train
+    from heft.launcher.train.out_of_memory import OutOfMemory
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -50,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return reporting.EXIT_USAGE
     if argv[0] == EVAL_FLAG:  # heft eval: held-out loss of a checkpoint under this layout
-        from heft.launcher.eval_run import evaluate_checkpoint
+        from heft.launcher.evaluate.heldout import evaluate_checkpoint
 
         def job():
             evaluate_checkpoint(argv[1], argv[2:])
@@ -65,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         status = reporting.EXIT_REQUEUE  # rank 0 said where it saved
     except KeyboardInterrupt:
         status = reporting.EXIT_INTERRUPTED  # the launcher says so once
-    except (ConfigError, DataConfigError, CheckpointError, FileNotFoundError, FileExistsError,
-            PermissionError) as exc:
+    except reporting.USER_ERRORS as exc:
         status = reporting.EXIT_USAGE
         reporting.report(status, str(exc))
     except (NonFiniteLossError, CollectiveFailure, OutOfMemory) as exc:

@@ -77,14 +77,14 @@ def _check_tokenizer(hf_dir: Path, tokenizer) -> None:
     """The data must be tokenized the way the HF model's embedding rows were trained."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from heft.data.tokenizer import byte_tokenizer_backend
+    from heft.data.tokenizer import BPETokenizer
 
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
         raise HFImportError(f"{hf_dir} has no tokenizer.json, so heft cannot check that the data was "
                             f"tokenized with the model's tokenizer; copy the model's tokenizer.json there")
-    ours = byte_tokenizer_backend() if tokenizer.kind == "byte" else tokenizer._tok
-    if HFTokenizer.from_file(str(path)).get_vocab(True) != ours.get_vocab(True):
+    theirs = BPETokenizer(HFTokenizer.from_file(str(path)), eos_id=None, kind="hf")
+    if not theirs.same_as(tokenizer):
         raise HFImportError(f"the data was tokenized with another tokenizer than {hf_dir}'s "
                             f"tokenizer.json; prepare the data with the model's tokenizer")
 

@@ -108,7 +108,7 @@ def one_process_world(cfg):
     """A real one-rank gloo group and megatron-core's parallel state inside the pytest process.
     The environment it needs is restored afterwards, so child `heft` runs never inherit it."""
     from heft.model import cpu_compat
-    from heft.launcher.train import start_processes
+    from heft.launcher.train.build import start_processes
     from heft.model.parallel import shutdown
 
     with socket.socket() as s:

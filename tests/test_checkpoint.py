@@ -103,7 +103,7 @@ def test_distributed_optimizer_checkpoint_back_onto_the_plain_optimizer(tiny_tra
 def test_fused_adam_and_overlapped_weight_gather_resume_exactly(tiny_train_config, tmp_path, tp2_pp2_straight):
     """What CUDA runs by default, on CPU: torch's fused AdamW, and the distributed optimizer's
     weight all-gather overlapped with the next forward pass."""
-    from heft.launcher.hf_export import read_weights
+    from heft.launcher.checkpoint.export_hf import read_weights
 
     fast = ["parallel.data=2", "parallel.distributed_optimizer=true", "optim.adam_impl=fused",
             "parallel.overlap_param_gather=true"]
@@ -292,7 +292,7 @@ def test_tensorboard_continues_without_duplicated_steps(tiny_train_config, tmp_p
 # --- the on-disk protocol --------------------------------------------------------------------------
 
 def test_metadata_with_a_foreign_class_is_refused_without_unpickling(tmp_path):
-    from heft.launcher import checkpoint_files as files
+    from heft.launcher.checkpoint import files
 
     ckpt = tmp_path / "step_1"
     (ckpt / "heft").mkdir(parents=True)
@@ -313,7 +313,7 @@ class _Exploit:
 
 
 def test_partial_checkpoints_are_never_chosen_and_pruning_keeps_the_newest(tmp_path):
-    from heft.launcher import checkpoint_files as files
+    from heft.launcher.checkpoint import files
 
     ckpt_dir = tmp_path / "checkpoints"
     for step in (2, 4, 6):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from heft.launcher.cli import build_parser, torchrun_arguments
+from heft.launcher.cli import build_parser, train_launch_arguments as torchrun_arguments
 from heft.launcher.config import load_config
-from heft.launcher.environment import first_slurm_host, is_srun_task, is_torchrun_worker, torch_env_from_slurm
+from heft.launcher.launch.environment import first_slurm_host, is_srun_task, is_torchrun_worker, torch_env_from_slurm
 
 
 def test_torchrun_and_srun_detection():

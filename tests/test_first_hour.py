@@ -218,7 +218,7 @@ def test_ctrl_c_during_start_up_ends_workers_at_once(tiny_train_config, tmp_path
 
 def test_the_ctrl_c_line_says_what_a_rerun_does_when_nothing_was_saved(tiny_train_config, tmp_path):
     from heft.launcher.config import load_config
-    from heft.launcher.rundir import rerun_hint
+    from heft.launcher.checkpoint.start import rerun_hint
 
     cfg = load_config(tiny_train_config, [f"train.run_dir={tmp_path / 'run'}"])
     assert rerun_hint(cfg) == "; nothing was trained yet"
@@ -263,9 +263,10 @@ def test_a_nan_gradient_is_not_applied(tiny_train_config):
     from conftest import one_process_world
     from heft.data.loader import Batch
     from heft.launcher.config import load_config
-    from heft.launcher.optim import build_optimizer
-    from heft.launcher.step import train_step
-    from heft.launcher.train import NonFiniteLossError, build_loss_reduction, build_model, check_nonfinite
+    from heft.launcher.train.optim import build_optimizer
+    from heft.launcher.train.step import train_step
+    from heft.launcher.train.build import build_loss_reduction, build_model
+    from heft.launcher.train.loop import NonFiniteLossError, check_nonfinite
     from heft.model.build import Backends, unwrap
 
     cfg = load_config(tiny_train_config, ["model.seq_length=32", "train.global_batch_size=2",

@@ -80,9 +80,9 @@ def test_fused_adam_keeps_its_step_counters_on_the_device(tiny_train_config):
     from conftest import one_process_world
     from heft.data.loader import Batch
     from heft.launcher.config import load_config
-    from heft.launcher.optim import build_optimizer, torch_adams
-    from heft.launcher.step import train_step
-    from heft.launcher.train import build_loss_reduction, build_model
+    from heft.launcher.train.optim import build_optimizer, torch_adams
+    from heft.launcher.train.step import train_step
+    from heft.launcher.train.build import build_loss_reduction, build_model
     from heft.model.build import Backends
 
     cfg = load_config(tiny_train_config, ["model.seq_length=32", "train.global_batch_size=2"])

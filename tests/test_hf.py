@@ -24,7 +24,7 @@ LOGIT_TOLERANCE = 1e-4  # fp32, as the issue states; measured differences are ~3
 def in_process_model():
     """Open heft checkpoints in this process (a one-rank gloo group), restoring the environment
     afterwards so that later child `heft` runs never inherit RANK/WORLD_SIZE."""
-    from heft.launcher.inference import LoadedModel
+    from heft.launcher.evaluate.inference import LoadedModel
 
     saved, opened = dict(os.environ), []
 
@@ -131,7 +131,7 @@ def test_export_never_overwrites_foreign_files(tied_run, tmp_path):
 def test_generate_matches_transformers_greedy(tied_run, tied_export, in_process_model):
     from transformers import AutoModelForCausalLM
 
-    from heft.launcher.generate import Sampling, continue_tokens
+    from heft.launcher.evaluate.generate import Sampling, continue_tokens
 
     out = tied_export
     heft = in_process_model(tied_run)

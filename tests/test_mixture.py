@@ -437,7 +437,7 @@ def test_online_controllers_move_weight_to_the_domain_still_learning(tmp_path, n
     assert sum(realised[half:]) / (len(realised) - half) > sum(realised[:half]) / half, realised
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from heft.launcher.plot import plot_run
+    from heft.launcher.metrics.plot import plot_run
 
     assert plot_run(run_dir).stat().st_size > 10_000  # with the mixture panel
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()

@@ -7,7 +7,7 @@ import torch
 
 from conftest import one_process_world
 from heft.launcher.config import load_config
-from heft.launcher.train import build_model
+from heft.launcher.train.build import build_model
 from heft.model.build import Backends, padded_vocab_size, unwrap
 from heft.model.flops import flops_per_token
 

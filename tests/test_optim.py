@@ -8,8 +8,9 @@ import torch
 
 from conftest import one_process_world
 from heft.launcher.config import OptimConfig, load_config
-from heft.launcher.optim import adam_impl, build_optimizer, settle_adam_state, torch_adams
-from heft.launcher.train import build_model
+from heft.launcher.config import adam_impl
+from heft.launcher.train.optim import build_optimizer, settle_adam_state, torch_adams
+from heft.launcher.train.build import build_model
 from heft.model.build import Backends
 
 

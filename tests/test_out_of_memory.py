@@ -1,11 +1,11 @@
-"""Out of memory is one line naming the step, the memory and the fix (launcher/out_of_memory.py)."""
+"""Out of memory is one line naming the step, the memory and the fix (launcher/train/out_of_memory.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from heft.launcher.out_of_memory import OutOfMemory, explain, is_out_of_memory
+from heft.launcher.train.out_of_memory import OutOfMemory, explain, is_out_of_memory
 
 
 def _real_cpu_allocation_failure() -> RuntimeError:

@@ -176,8 +176,8 @@ def test_cli_prepare_reports_bad_input_in_one_line(tmp_path):
 
 
 def test_resume_refuses_data_tokenized_another_way(tmp_path):
-    from heft.launcher.checkpoint import _check_same_tokenizer
-    from heft.launcher.checkpoint_files import CheckpointError
+    from heft.launcher.checkpoint.contents import check_same_tokenizer as _check_same_tokenizer
+    from heft.launcher.checkpoint.files import CheckpointError
 
     data = tmp_path / "data"
     manifest = prepare({"d": DOCS}, data, tokenizer="bpe", bpe_vocab_size=300, seq_length=16)

@@ -22,7 +22,7 @@ def setup():
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
-    from heft.launcher.train import build_loss_reduction, build_model
+    from heft.launcher.train.build import build_loss_reduction, build_model
     from heft.model.build import Backends, unwrap
 
     cfg = load_config(None, ["model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4",
@@ -47,7 +47,7 @@ def _grads(gpt):
 
 
 def test_parameter_gradient_is_that_of_the_weighted_loss(setup):
-    from heft.launcher.step import make_forward_step
+    from heft.launcher.train.step import make_forward_step
 
     cfg, ddp, gpt, reduction, forward_backward = setup
     tokens = torch.randint(0, 257, (4, 33), generator=torch.Generator().manual_seed(3))
@@ -83,7 +83,7 @@ def test_parameter_gradient_is_that_of_the_weighted_loss(setup):
 
 
 def test_large_temperature_gives_the_plain_mean_gradient(setup):
-    from heft.launcher.step import make_forward_step
+    from heft.launcher.train.step import make_forward_step
 
     cfg, ddp, gpt, reduction, forward_backward = setup
     tokens = torch.randint(0, 257, (4, 33), generator=torch.Generator().manual_seed(4))

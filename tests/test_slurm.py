@@ -236,7 +236,7 @@ def test_time_limit_and_grace_are_checked_and_overrides_may_follow_the_options(t
 
 
 def test_requeue_rules():
-    from heft.launcher.slurm_job import decide_requeue
+    from heft.launcher.jobs.requeue import decide_requeue
 
     assert decide_requeue(75, 0, 20, 10, [])[0]
     assert not decide_requeue(0, 0, 20, 40, [])[0]

@@ -9,9 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def main():
     from heft.launcher.config import load_config
-    from heft.launcher.train import replica_batches
+    from heft.launcher.train.build import replica_batches
     from heft.model import cpu_compat
-    from heft.launcher.train import start_processes
+    from heft.launcher.train.build import start_processes
     from heft.model.parallel import shutdown
 
     out_dir, steps, config, *overrides = sys.argv[1:]

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from heft.launcher.config import ConfigError, HeftConfig, load_config, validate
-from heft.launcher.optim import adam_impl
+from heft.launcher.config import ConfigError, HeftConfig, adam_impl, load_config, validate
 from heft.model.build import Backends, padded_vocab_size
 from heft.model.memory import (GIB, Workload, estimate, flops_per_step, largest_fitting_micro_batch,
                                usable_gpu_bytes)

@@ -2,7 +2,7 @@
 
 The model is heft's own megatron-core GPTModel, built unsplit (TP1, PP1) in a one-rank process
 group and loaded from the checkpoint whatever layout trained it. Multi-process evaluation under a
-parallel layout is ``heft eval`` (``launcher/eval_run.py``).
+parallel layout is ``heft eval`` (``evaluate/heldout.py``).
 """
 
 from __future__ import annotations
@@ -13,27 +13,11 @@ from pathlib import Path
 
 import torch
 
-from heft.launcher import checkpoint_files as files
+from heft.launcher.checkpoint import files
 
 # The layout of the in-process model, whatever the checkpoint was trained with.
 UNSPLIT = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
            "parallel.context=1", "parallel.data=null", "parallel.distributed_optimizer=false"]
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or the newest complete one in a run directory (``RUN_DIR`` or its
-    ``checkpoints/``). Raises CheckpointError naming what was looked at."""
-    path = Path(path)
-    if (path / files.HEFT_DIR / files.STATE_FILE).is_file():
-        return path
-    for ckpt_dir in (path / "checkpoints", path):
-        found = files.newest_usable(ckpt_dir, warn=lambda line: print(line, flush=True))
-        if found:
-            return found[0]
-    if not path.exists():
-        raise files.CheckpointError(f"{path} does not exist")
-    raise files.CheckpointError(f"{path} is neither a heft checkpoint (no {files.HEFT_DIR}/"
-                                f"{files.STATE_FILE}) nor a run directory with a complete checkpoint")
 
 
 def _one_rank_world() -> None:
@@ -54,13 +38,14 @@ class LoadedModel:
     """``logits(tokens)`` of a heft checkpoint, with its tokenizer and sequence length."""
 
     def __init__(self, checkpoint: str | Path, precision: str = "auto"):
-        from heft.launcher.checkpoint import checkpoint_tokenizer, load_weights
+        from heft.launcher.checkpoint.contents import checkpoint_tokenizer, load_weights
         from heft.launcher.config import config_from_dict
-        from heft.launcher.train import build_model, start_processes
+        from heft.launcher.train.build import build_model, start_processes
+        from heft.launcher.train.step import device
         from heft.model import cpu_compat
         from heft.model.build import Backends
 
-        self.path = resolve_checkpoint(checkpoint)
+        self.path = files.resolve_checkpoint(checkpoint)
         state = files.verify(self.path)
         self.state = state
         self.cfg = config_from_dict(state["config"], [*UNSPLIT, f"train.precision={precision}"])
@@ -74,8 +59,7 @@ class LoadedModel:
         load_weights(self.chunks, self.path, state, self.cfg.model, self.vocab_size, tensor_parallel=1)
         for chunk in self.chunks:
             chunk.eval()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.device = device()
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ import socket
 import time
 from pathlib import Path
 
-from heft.launcher import runstate
+from heft.launcher.checkpoint import files
+from heft.launcher.launch import runstate
 
 NO_PROGRESS_LIMIT = 3
 EVENTS = Path("slurm") / "events.jsonl"
@@ -55,8 +56,6 @@ def _append(run_dir: str | Path, event: dict) -> None:
 
 def latest_checkpoint_step(run_dir: str | Path) -> int | None:
     """The newest complete checkpoint's step, from the directory the run's launcher recorded."""
-    from heft.launcher import checkpoint_files as files
-
     state = runstate.read(run_dir) or {}
     ckpt_dir = Path(state.get("checkpoint_dir") or Path(run_dir) / "checkpoints")
     complete = files.complete_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []

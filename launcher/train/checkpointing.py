@@ -1,21 +1,7 @@
-"""What a heft checkpoint holds, and how it is saved and loaded under any parallel layout.
-
-A checkpoint directory (``checkpoint_files.py`` says how it is named and made complete) holds:
-
-* megatron-core ``dist_checkpointing`` files (``torch_dist`` format): every model chunk under
-  ``model<i>`` and the optimizer, keyed by global parameter names, so they load under any TP / PP /
-  VPP / DP layout; the distributed optimizer writes its ``fully_reshardable`` form, which a plain
-  optimizer (or another DP size) loads too;
-* ``heft/state.json`` (rank 0): step, consumed samples and tokens, the LR scheduler, the loss
-  reduction's lagged statistics, skip counters, the data position, the model's shape and the whole
-  resolved config, and the layout it was written under;
-* ``heft/rng_<rank>.pt`` (every rank): RNG states, restored only under the same layout (under
-  another, each rank is reseeded from (seed, step): heft's model has no dropout, and data order and
-  reweighting draw from counters, not RNG streams).
-
-Nothing is unpickled on load except tensors (``weights_only``) and megatron's metadata after it
-passed the allow-list in ``checkpoint_files.verify``.
-"""
+"""Saving and resuming a training run: the Trainer's whole state (model, optimizer, LR schedule,
+loss reduction, data position, RNG) under any parallel layout, with megatron-core's
+dist_checkpointing. What a checkpoint holds, and reading it without a Trainer, is
+``checkpoint/contents.py``; its files on disk are ``checkpoint/files.py``."""
 
 from __future__ import annotations
 
@@ -24,21 +10,21 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from heft.launcher import checkpoint_files as files
-from heft.launcher.checkpoint_files import CheckpointError
-from heft.launcher.optim import adam_impl, settle_adam_state
+from heft.launcher.atomic import write_atomically
+from heft.launcher.checkpoint import files
+from heft.launcher.checkpoint.contents import (FORMAT, SHARDING_METADATA, check_same_tokenizer, copy_tokenizer,
+                                               model_differences, model_signature, without_extra_state)
+from heft.launcher.checkpoint.files import CheckpointError
+from heft.launcher.config import adam_impl
+from heft.launcher.train.optim import settle_adam_state
 
-FORMAT = "heft-checkpoint/1"
-# fully_reshardable: the distributed optimizer's state in per-parameter form, loadable under any DP
-# size and by the plain optimizer. dp_reshardable is faster but ties the checkpoint to TP x PP.
-SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
-# The fields whose change makes a checkpoint another model.
-MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                      "ffn_hidden_size", "tie_embeddings", "make_vocab_size_divisible_by")
+if TYPE_CHECKING:
+    from heft.launcher.train.build import Trainer
 
 
 @dataclass
@@ -48,24 +34,6 @@ class Progress:
     step: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
-
-
-def _without_extra_state(tree: dict) -> dict:
-    """Drop the layers' ``_extra_state`` entries. They are ShardedObjects, which torch's checkpoint
-    reader unpickles without restriction; megatron-core's local layers keep nothing in them (None),
-    TE layers only FP8 scaling history, which heft does not use. No other object may remain."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    kept = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            kept[key] = _without_extra_state(value)
-        elif isinstance(value, ShardedObject):
-            if not key.endswith("_extra_state"):
-                raise CheckpointError(f"heft does not save pickled objects, but megatron-core offered {key}")
-        else:
-            kept[key] = value
-    return kept
 
 
 @contextlib.contextmanager
@@ -93,10 +61,10 @@ def _adam_steps_for_the_request(optimizer):
             del inner.state[param]
 
 
-def _sharded_state(trainer, is_loading: bool) -> dict:
+def _sharded_state(trainer: Trainer, is_loading: bool) -> dict:
     from heft.model.build import unwrap
 
-    state = {f"model{i}": _without_extra_state(unwrap(chunk).sharded_state_dict(metadata=dict(SHARDING_METADATA)))
+    state = {f"model{i}": without_extra_state(unwrap(chunk).sharded_state_dict(metadata=dict(SHARDING_METADATA)))
              for i, chunk in enumerate(trainer.chunks)}
     with _adam_steps_for_the_request(trainer.optimizer) if is_loading else contextlib.nullcontext():
         state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=is_loading,
@@ -104,30 +72,14 @@ def _sharded_state(trainer, is_loading: bool) -> dict:
     return state
 
 
-def _layout_signature(trainer) -> dict:
+def _layout_signature(trainer: Trainer) -> dict:
     p = trainer.cfg.parallel
     return {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
             "context": p.context, "data": trainer.layout.data_parallel,
             "distributed_optimizer": p.distributed_optimizer}
 
 
-def model_signature(model_cfg, vocab_size: int, tensor_parallel: int) -> dict:
-    """What must match for a checkpoint's weights to be this model's: the shape fields, the
-    tokenizer's vocabulary and the padded embedding."""
-    from heft.model.build import padded_vocab_size
-
-    return {**{k: getattr(model_cfg, k) for k in MODEL_SHAPE_FIELDS}, "vocab_size": vocab_size,
-            "padded_vocab_size": padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by,
-                                                   tensor_parallel)}
-
-
-def _model_differences(ours: dict, state: dict, whose: str) -> list[str]:
-    theirs = state["model"]
-    return [f"{key} {theirs.get(key)} (checkpoint) vs {ours[key]} ({whose})"
-            for key in ours if theirs.get(key) != ours[key]]
-
-
-def _model_signature(trainer) -> dict:
+def _model_signature(trainer: Trainer) -> dict:
     return model_signature(trainer.cfg.model, trainer.vocab_size, trainer.cfg.parallel.tensor)
 
 
@@ -163,11 +115,18 @@ class Saver:
     training goes on; the checkpoint becomes complete (renamed, ``latest`` updated) when every rank's
     write has finished, which :meth:`poll` checks at each step boundary. One save is in flight at most."""
 
-    def __init__(self, trainer, ckpt_dir: Path, keep: int, async_save: bool = False):
+    def __init__(self, trainer: Trainer, ckpt_dir: Path, keep: int, async_save: bool = False):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.trainer, self.ckpt_dir, self.keep = trainer, ckpt_dir, keep
         self.queue = AsyncCallsQueue() if async_save else None
+        self.last_saved: Path | None = None
+        """The path of the newest checkpoint this run saved (complete once :meth:`finish` returns)."""
+
+    def due(self, step: int) -> bool:
+        """At every checkpoint.interval steps, and always at the step the run ends on."""
+        cfg = self.trainer.cfg
+        return cfg.train.is_last_step(step) or bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
 
     def save(self, progress: Progress) -> Path:
         """Start saving ``progress.step``; returns the path the complete checkpoint will have."""
@@ -196,7 +155,8 @@ class Saver:
             dist.barrier()  # every rank's files are written
             self._commit_on_rank0(step)()
             dist.barrier()  # nobody goes on (or exits) before the checkpoint is complete
-        return self.ckpt_dir / files.name(step)
+        self.last_saved = self.ckpt_dir / files.name(step)
+        return self.last_saved
 
     def poll(self) -> None:
         """Complete a finished asynchronous save (collective; nothing to do when saving in the foreground)."""
@@ -238,88 +198,23 @@ class Saver:
             "layout": _layout_signature(trainer),
             "world_size": trainer.layout.world_size,
             "config": cfg.to_dict(),
-            "tokenizer": _copy_tokenizer(cfg.data.path, heft_dir),
+            "tokenizer": copy_tokenizer(cfg.data.path, heft_dir),
             "saved_at": time.time(),
         }
-        files.write_atomically(heft_dir / files.STATE_FILE, json.dumps(state, indent=1) + "\n")
+        write_atomically(heft_dir / files.STATE_FILE, json.dumps(state, indent=1) + "\n")
 
 
-def _copy_tokenizer(data_path: str, heft_dir: Path) -> dict:
-    """The data's tokenizer goes with every checkpoint (heft/ beside state.json; a BPE's
-    tokenizer.json is a few MB at most), so evaluating, generating and exporting need no dataset."""
-    import shutil
-
-    from heft.data.prepare import load_manifest
-    from heft.data.tokenizer import tokenizer_files
-
-    spec = load_manifest(data_path)["tokenizer"]
-    for file in tokenizer_files(Path(data_path), spec):
-        shutil.copyfile(file, heft_dir / file.name)
-    return spec
-
-
-def checkpoint_tokenizer(path: Path, state: dict):
-    """The tokenizer a checkpoint was trained with (from its heft/ directory, or, for checkpoints
-    written before heft kept it there, from the dataset its config names)."""
-    from heft.data.prepare import load_manifest
-    from heft.data.tokenizer import load_tokenizer
-
-    if "tokenizer" in state:
-        return load_tokenizer(Path(path) / files.HEFT_DIR, state["tokenizer"])
-    data_path = state["config"]["data"]["path"]
-    try:
-        return load_tokenizer(Path(data_path), load_manifest(data_path)["tokenizer"])
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} does not hold its tokenizer and its dataset {data_path} is "
-                              f"unreadable ({exc}); pass the dataset with --data PATH") from None
-
-
-def load_weights(chunks, path: Path, state: dict, model_cfg, vocab_size: int, tensor_parallel: int) -> None:
-    """Load only the model weights of a verified checkpoint into ``chunks`` (built under any
-    layout; collective): for evaluation, generation and starting a new run from them."""
-    from megatron.core import dist_checkpointing
-
-    from heft.model.build import unwrap
-
-    differ = _model_differences(model_signature(model_cfg, vocab_size, tensor_parallel), state, "this model")
-    if differ:
-        raise CheckpointError(f"{path} holds another model: {'; '.join(differ)}")
-    request = {f"model{i}": _without_extra_state(unwrap(chunk).sharded_state_dict(metadata=dict(SHARDING_METADATA)))
-               for i, chunk in enumerate(chunks)}
-    loaded = dist_checkpointing.load(request, str(path), validate_access_integrity=False)
-    for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
-        for name, param in unwrap(chunk).named_parameters():
-            if not torch.isfinite(param).all():
-                raise CheckpointError(f"{path}: weight {name} holds NaN/inf values; the checkpoint is "
-                                      f"damaged or the run diverged: use an earlier checkpoint")
-
-
-def _check_same_tokenizer(state: dict, data_path: str, path: Path) -> None:
-    """Data tokenized another way than the checkpoint's training data is another language to the
-    model, even at the same vocabulary size (the manifests' sha256 tell)."""
-    from heft.data.prepare import load_manifest
-
-    theirs = state.get("tokenizer", {}).get("sha256")
-    ours = load_manifest(data_path)["tokenizer"].get("sha256")
-    if theirs and ours and theirs != ours:
-        raise CheckpointError(
-            f"{path} was trained on data tokenized with another tokenizer (sha256 {theirs[:12]}...) "
-            f"than {data_path} ({ours[:12]}...); prepare the data with the checkpoint's tokenizer "
-            f"(its heft/ directory holds it: heft prepare --tokenizer {path / files.HEFT_DIR / 'tokenizer.json'})")
-
-
-def check_compatible(trainer, state: dict, path: Path) -> None:
+def check_compatible(trainer: Trainer, state: dict, path: Path) -> None:
     """A checkpoint of another model fails here, before any weight is touched."""
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {state.get('format')!r}, not {FORMAT}")
-    differ = _model_differences(_model_signature(trainer), state, "this run")
+    differ = model_differences(_model_signature(trainer), state, "this run")
     if differ:
         raise CheckpointError(
             f"{path} holds another model: {'; '.join(differ)}. Use the config the checkpoint was "
             f"trained with (its heft/state.json has it), or checkpoint.load=none with a new "
             f"train.run_dir to train this model from scratch")
-    _check_same_tokenizer(state, trainer.cfg.data.path, path)
+    check_same_tokenizer(state, trainer.cfg.data.path, path)
     saved_data, data = state["config"]["data"], trainer.cfg.data
     # data.proportions and the mixture may change on resume: they steer the draws from here on.
     for key in ("num_canonical_nodes", "shuffle_seed"):
@@ -336,7 +231,7 @@ def check_compatible(trainer, state: dict, path: Path) -> None:
             f"{trainer.cfg.train.global_batch_size}; resuming exactly needs the same global batch")
 
 
-def load(trainer, path: Path, state: dict) -> Progress:
+def load(trainer: Trainer, path: Path, state: dict) -> Progress:
     """Load a verified checkpoint into the built trainer under its own layout (collective)."""
     from megatron.core import dist_checkpointing
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from heft.data.loader import Batch
-from heft.launcher.step import run_schedule
+from heft.launcher.train.step import run_schedule
 from heft.reweighting.reduction import LossReduction
 
 
@@ -14,13 +14,19 @@ class Evaluator:
     """Validation microbatches per schedule call; a stop request is honoured between blocks."""
 
     def __init__(self, batches: list[Batch], reduction: LossReduction, chunks, forward_backward,
-                 micro_batch_size: int, seq_length: int):
+                 micro_batch_size: int, seq_length: int, interval: int = 0, final_step: int | None = None):
+        """``interval``: evaluate every that many steps (0: never); ``final_step``: also at that step
+        (the last of the run, with train.eval_at_end). Both only matter to :meth:`due`."""
         self.batches = batches
         self.reduction = reduction  # a plain-mean reduction: evaluation is never reweighted
         self.chunks = chunks
         self.forward_backward = forward_backward
         self.micro_batch_size = micro_batch_size
         self.seq_length = seq_length
+        self.interval, self.final_step = interval, final_step
+
+    def due(self, step: int) -> bool:
+        return bool((self.interval and step % self.interval == 0) or step == self.final_step)
 
     def run(self, step: int, stop_requested=lambda: False, progress=lambda microbatches: None) -> dict | None:
         """{'eval_loss': token mean, 'eval_<domain>_loss': per-domain mean} on every rank, or None

@@ -8,29 +8,20 @@ the run did not log (no reweighting, no evaluation) say so instead of staying bl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from heft.launcher.metrics import records
 
 
 def read_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a heft run directory (no metrics.jsonl)")
-    train, evals = [], []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if number == len(lines):  # the last line of a run killed while writing it
-                continue
-            raise ValueError(f"{path}:{number} is not a JSON record; the file is damaged") from None
-        (evals if "eval_loss" in record else train).append(record)
-    if not train:
-        raise ValueError(f"{path} has no training records yet; plot after the first log line")
-    return train, evals
+    """(training records, evaluation records); the file must exist, be intact and hold a training record."""
+    log = records.read(run_dir)
+    if not log.exists:
+        raise FileNotFoundError(f"{log.path} not found: {run_dir} is not a heft run directory (no metrics.jsonl)")
+    log.check_intact()
+    if not log.train:
+        raise ValueError(f"{log.path} has no training records yet; plot after the first log line")
+    return log.train, log.evals
 
 
 def _domains(records: list[dict], suffix: str, prefix: str = "domain_") -> list[str]:

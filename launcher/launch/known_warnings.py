@@ -1,5 +1,4 @@
-"""What a run prints: a start banner, the step lines (metrics.py), an end summary; and the list of
-upstream warnings heft hides on purpose.
+"""The upstream warnings heft hides on purpose, and the switch that shows them again.
 
 Known-harmless warnings are filtered by exact message pattern, in this one list, so that a new or
 unexpected warning still shows. ``heft --verbose`` (environment ``HEFT_VERBOSE=1``, which workers
@@ -11,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from pathlib import Path
 
 VERBOSE_VAR = "HEFT_VERBOSE"
 
@@ -85,74 +83,3 @@ def filter_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
     for name, _why in KNOWN_HARMLESS_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _count(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def banner(cfg, trainer, resumed_from: str | None = None) -> str:
-    """The start banner: what is trained, how it is split, on what data, where results go."""
-    from heft.model.build import padded_vocab_size
-    from heft.model.flops import parameter_count
-
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    layout = trainer.layout
-    padded = padded_vocab_size(trainer.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
-    params = parameter_count(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
-                             m.num_query_groups, padded, m.tie_embeddings)
-    device = "CUDA/NCCL" if trainer.peak_flops is not None or _cuda() else "CPU/gloo"
-    tokens_per_step = t.global_batch_size * m.seq_length
-    mixture = ", ".join(f"{name} {w:.2f}" for name, w in trainer.batches.weights().items() if w > 0)
-    if cfg.mixture.controller != "static":
-        mixture += f" (mixture.controller {cfg.mixture.controller}, every {cfg.mixture.update_interval} step(s))"
-    reweight = cfg.reweight.strategy if cfg.reweight.strategy == "none" else (
-        f"{cfg.reweight.strategy} ({cfg.reweight.scope} scope, r={cfg.reweight.temperature:g}, "
-        f"after {cfg.reweight.warmup_steps} warm-up steps)")
-    vpp = f" VPP{p.virtual_pipeline}" if p.virtual_pipeline else ""
-    return "\n".join([
-        f"heft | model {m.preset}: {_count(params)} parameters, {m.num_layers} layers, hidden "
-        f"{m.hidden_size}, vocab {trainer.vocab_size}",
-        f"     | layout TP{p.tensor} PP{p.pipeline}{vpp} CP{p.context} DP{layout.data_parallel} = "
-        f"{layout.world_size} processes on {device}"
-        + (", distributed optimizer" if p.distributed_optimizer else ""),
-        f"     | {t.steps} steps x {t.global_batch_size} sequences x {m.seq_length} tokens = "
-        f"{_count(tokens_per_step)} tokens/step; reweighting {reweight}",
-        f"     | data {cfg.data.path}: {mixture}",
-        f"     | run dir {t.run_dir}: " + (f"resuming from {resumed_from}" if resumed_from else "new run"),
-    ])
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def summary(cfg, step: int, records: list[dict], seconds: float, checkpoint: str | None = None) -> str:
-    """The end summary: steps, tokens, time, final losses, where everything was written."""
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    run_dir = Path(cfg.train.run_dir)
-    if step < cfg.train.steps:
-        parts = [f"heft | stopped at step {step} of {cfg.train.steps} (train.stop_at_step); the same "
-                 f"command without it resumes"]
-    else:
-        parts = [f"heft | done: {cfg.train.steps} steps"]
-    if train:
-        last = train[-1]
-        parts[0] += (f", {_count(last['consumed_tokens'])} tokens in {seconds:.0f} s; final loss "
-                     f"{last['loss']:.4f}")
-        if last.get("skipped_steps"):
-            parts[0] += f" ({last['skipped_steps']} steps skipped)"
-    if evals:
-        parts[0] += f", eval loss {evals[-1]['eval_loss']:.4f}"
-    parts.append(f"     | metrics {run_dir / 'metrics.jsonl'}; plots: heft plot {run_dir}")
-    if cfg.train.tensorboard:
-        parts.append(f"     | tensorboard --logdir {run_dir / 'tensorboard'}")
-    if checkpoint:
-        parts.append(f"     | checkpoint {checkpoint}")
-    return "\n".join(parts)

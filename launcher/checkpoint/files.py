@@ -28,6 +28,9 @@ import re
 import shutil
 from pathlib import Path
 
+from heft.launcher.atomic import write_atomically
+from heft.launcher.launch.reporting import UserError
+
 PARTIAL = ".partial"
 DELETING = ".deleting"
 LATEST = "latest"
@@ -37,7 +40,7 @@ _NAME = re.compile(r"^step_(\d+)$")
 _LEFTOVER_NAME = re.compile(r"^step_\d+\.(partial|deleting)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used. The message names the file and the fix."""
 
 
@@ -74,15 +77,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _delete(path: Path) -> None:
@@ -195,3 +189,19 @@ def newest_usable(ckpt_dir: Path, warn) -> tuple[Path, dict] | None:
         except CheckpointError as exc:
             warn(f"heft: warning: skipping checkpoint {path}: {exc}; trying the one before")
     return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest complete one in a run directory (``RUN_DIR`` or its
+    ``checkpoints/``). Raises CheckpointError naming what was looked at."""
+    path = Path(path)
+    if (path / HEFT_DIR / STATE_FILE).is_file():
+        return path
+    for ckpt_dir in (path / "checkpoints", path):
+        found = newest_usable(ckpt_dir, warn=lambda line: print(line, flush=True))
+        if found:
+            return found[0]
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    raise CheckpointError(f"{path} is neither a heft checkpoint (no {HEFT_DIR}/{STATE_FILE}) nor a "
+                          f"run directory with a complete checkpoint")

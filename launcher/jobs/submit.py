@@ -20,10 +20,10 @@ from importlib import resources
 from pathlib import Path
 
 from heft.launcher.config import ConfigError
+from heft.launcher.jobs import slurm
 
 TEMPLATE = "heft.sbatch.j2"
 SCRIPT_NAME = "heft.sbatch"
-JOB_RECORD = "job.json"
 
 
 class SubmitError(ConfigError):
@@ -138,61 +138,56 @@ def read_sweep(path: str) -> list[list[str]]:
     return sets
 
 
-def check_member(config: str, overrides: list[str], options: SubmitOptions, check_run) -> Member:
-    """Load and validate one override set as `heft train` would; ``check_run`` does the data and
-    run-directory checks (cli._check_before_launch). Returns it with an absolute run directory."""
+def check_member(config: str, overrides: list[str], options: SubmitOptions) -> Member:
+    """Load and check one override set as `heft train` would (preflight/checks.py). Returns it
+    with an absolute run directory."""
     from heft.launcher.config import load_config, validate
+    from heft.launcher.preflight.checks import check_before_launch
 
     cfg = load_config(config, overrides)
     validate(cfg, world_size=procs_per_node(options, cfg) * options.nodes)
     refuse_if_job_active(Path(cfg.train.run_dir))
-    finished = check_run(cfg)
+    finished = check_before_launch(cfg)
     if finished:
         raise SubmitError(finished.removeprefix("heft: "))
     return Member(overrides=list(overrides), run_dir=Path(cfg.train.run_dir).resolve(),
                   procs_per_node=procs_per_node(options, cfg))
 
 
-ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-                 "REQUEUE_FED", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")
-
-
 def refuse_if_job_active(run_dir: Path) -> None:
     """Two jobs training into one run directory would interleave checkpoints and metrics."""
-    from heft.launcher.status import scontrol_job
-
-    record = read_job_record(run_dir)
-    job = scontrol_job(record["job_id"]) if record else None
-    if job and job.get("JobState") in ACTIVE_STATES:
+    record = slurm.read_job_record(run_dir)
+    job = slurm.scontrol_job(record["job_id"]) if record else None
+    if job and job.get("JobState") in slurm.ACTIVE_STATES:
         raise SubmitError(
             f"{run_dir} belongs to job {record['job_id']}, still {job['JobState']}; wait for it, "
             f"`scancel {record['job_id']}` first, or choose a new train.run_dir")
 
 
-def plan(config: str, overrides: list[str], options: SubmitOptions, sweep: list[list[str]] | None,
-         check_run) -> list[Member]:
+def members(config: str, overrides: list[str], options: SubmitOptions,
+            sweep: list[list[str]] | None) -> list[Member]:
     """The runs of this job, each checked. A sweep member without its own train.run_dir trains in
     RUN_DIR/sweep-<index>."""
     if not sweep:
-        return [check_member(config, overrides, options, check_run)]
+        return [check_member(config, overrides, options)]
     from heft.launcher.config import load_config
 
     base_run_dir = Path(load_config(config, overrides).train.run_dir)
-    members = []
+    checked = []
     for index, extra in enumerate(sweep):
         own = [o for o in extra if o.startswith("train.run_dir=")]
         run_dir = [] if own else [f"train.run_dir={base_run_dir / f'sweep-{index}'}"]
         try:
-            members.append(check_member(config, [*overrides, *run_dir, *extra], options, check_run))
+            checked.append(check_member(config, [*overrides, *run_dir, *extra], options))
         except ConfigError as exc:
             raise SubmitError(f"sweep set {index} (array index {index}: {' '.join(extra)}): {exc}") from None
-    dirs = [m.run_dir for m in members]
+    dirs = [m.run_dir for m in checked]
     if len(set(dirs)) != len(dirs):
         raise SubmitError("two sweep sets share a train.run_dir; give each its own or none")
-    if len({m.procs_per_node for m in members}) > 1:
+    if len({m.procs_per_node for m in checked}) > 1:
         raise SubmitError("the sweep sets need different processes per node; one array job runs "
                           "one shape: submit them separately")
-    return members
+    return checked
 
 
 def render(config: str, members: list[Member], options: SubmitOptions, home: Path, sweep: bool) -> str:
@@ -256,11 +251,26 @@ def record_job(members: list[Member], job_id: str, script: Path, options: Submit
                   "dependency": options.dependency, "overrides": member.overrides}
         directory = member.run_dir / "slurm"
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / JOB_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        (directory / slurm.JOB_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def read_job_record(run_dir: str | Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / "slurm" / JOB_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
+def dirs_the_checks_create(config: str, overrides: list[str], sweep: list[list[str]] | None) -> list[Path]:
+    """Run directories (and their missing parents) that the checks of a ``--dry-run`` would create;
+    the dry run removes them again, empty, afterwards (:func:`remove_if_empty`)."""
+    from heft.launcher.config import load_config
+
+    run_dir = Path(load_config(config, overrides).train.run_dir).resolve()
+    missing = [d for d in [run_dir, *[run_dir / f"sweep-{i}" for i in range(len(sweep or []))]]
+               if not d.exists()]
+    top = run_dir
+    while not top.parent.exists():  # parents the checks would create too (runs/ of runs/x)
+        top = top.parent
+    return missing + ([top] if top != run_dir and not top.exists() else [])
+
+
+def remove_if_empty(directory: Path) -> None:
+    for path in sorted([directory, *directory.rglob("*")], key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()
+        except OSError:
+            pass

@@ -1,4 +1,5 @@
-"""The run directory: is it writable, does it already hold a run, and where does this run start?
+"""Where a run starts: is its directory writable, does it already hold a run, which checkpoint
+(if any) does it resume from, and what would the same command do after an interruption?
 
 A directory that already holds a run (its metrics.jsonl has records) is never appended to
 silently: with a checkpoint heft resumes from it, otherwise the run is refused with a message.
@@ -11,7 +12,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from heft.launcher.checkpoint import files
 from heft.launcher.config import ConfigError
+from heft.launcher.metrics import records
 
 
 class RunDirError(ConfigError):
@@ -34,19 +37,7 @@ def check_writable(run_dir: str | Path) -> None:
 
 def last_logged_step(run_dir: str | Path) -> int | None:
     """The last step in the run's metrics.jsonl, or None if it has no records."""
-    import json
-
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file() or path.stat().st_size == 0:
-        return None
-    last = None
-    with open(path) as f:
-        for line in f:
-            try:
-                last = int(json.loads(line)["step"])
-            except (ValueError, KeyError, TypeError):
-                continue
-    return last if last is not None else 0
+    return records.read(run_dir).last_step
 
 
 @dataclass
@@ -73,8 +64,6 @@ def _refuse_earlier_run(run_dir: Path) -> None:
 def decide_start(cfg, warn=print) -> Start:
     """Where this run starts, from train.run_dir and the checkpoint section (see CheckpointConfig.load).
     ``warn`` receives a line for each newer checkpoint that had to be skipped."""
-    from heft.launcher import checkpoint_files as files
-
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = cfg.checkpoint.directory(cfg.train.run_dir)
     load = cfg.checkpoint.load
@@ -116,8 +105,6 @@ def decide_start(cfg, warn=print) -> Start:
 def rerun_hint(cfg) -> str:
     """What running the same command again would do, as a clause for the line that reports an
     interrupted run ("...; the same command resumes from RUN_DIR/checkpoints/step_40")."""
-    from heft.launcher import checkpoint_files as files
-
     try:
         start = decide_start(cfg, warn=lambda line: None)
     except RunDirError:
@@ -137,7 +124,7 @@ def decide_start_on_every_rank(cfg, rank: int) -> Start:
     raises the same error, so no rank goes on into a collective alone."""
     import torch.distributed as dist
 
-    from heft.launcher.reporting import REPORT_DIR_VAR
+    from heft.launcher.launch.reporting import REPORT_DIR_VAR
 
     verdict: list = [None]
     if rank == 0:

@@ -48,3 +48,18 @@ def continue_tokens(model, prompt: list[int], sampling: Sampling, stop_at_eos: b
             return
         tokens.append(token)
         yield token
+
+
+def print_continuation(model, prompt_text: str, prompt: list[int], sampling: Sampling) -> None:
+    """Print the prompt, then each new piece of text as soon as it decodes whole (a multi-byte
+    character split over tokens waits for its last byte)."""
+    print(prompt_text, end="", flush=True)
+    new: list[int] = []
+    shown = ""
+    for token in continue_tokens(model, prompt, sampling):
+        new.append(token)
+        text = model.tokenizer.decode(new)  # whole-text decode: multi-byte characters come out whole
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(model.tokenizer.decode(new)[len(shown):], flush=True)

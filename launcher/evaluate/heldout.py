@@ -1,10 +1,10 @@
 """``heft eval RUN_DIR_OR_CHECKPOINT``: held-out loss and perplexity per domain of a checkpoint.
 
-The launcher side (:func:`plan`) turns the checkpoint's own config, the command's options and any
+The launcher side (:meth:`EvalPlan.from_command`) turns the checkpoint's own config, the command's options and any
 ``key=value`` overrides into worker arguments: one process by default (TP1, PP1), or any layout the
 given processes fit. Each worker (:func:`evaluate_checkpoint`, run by ``heft.launcher.worker
---eval``) builds the model under that layout, loads only its weights, and runs the same forward-only
-evaluation as training does (``launcher/evaluate.py``) over the data's validation splits, so the
+--eval``, :data:`EVAL_FLAG`) builds the model under that layout, loads only its weights, and runs the same forward-only
+evaluation as training does (``train/evaluator.py``) over the data's validation splits, so the
 numbers reproduce the in-training evaluation's. Rank 0 prints a table and writes
 ``<checkpoint>.eval.json`` beside the checkpoint.
 """
@@ -16,43 +16,50 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from heft.launcher import checkpoint_files as files
+from heft.launcher.atomic import write_atomically
+from heft.launcher.checkpoint import files
+
+EVAL_FLAG = "--eval"
+"""``python -m heft.launcher.worker --eval CHECKPOINT [key=value ...]`` evaluates instead of training."""
+
 
 @dataclass
 class EvalPlan:
+    """What ``heft eval`` launches: the checkpoint, the workers' overrides and how many workers."""
+
     checkpoint: Path
     overrides: list[str]
     world_size: int
 
+    @classmethod
+    def from_command(cls, path: str, data: str | None, nproc: int | None, micro_batch_size: int | None,
+                     max_batches: int | None, overrides: list[str]) -> EvalPlan:
+        """Check everything that needs no process; the one-line errors come from here."""
+        from heft.launcher.config import ConfigError, config_from_dict, validate
+        from heft.launcher.evaluate.inference import UNSPLIT
 
-def plan(path: str, data: str | None, nproc: int | None, micro_batch_size: int | None,
-         max_batches: int | None, overrides: list[str]) -> EvalPlan:
-    """Check everything that needs no process; the one-line errors come from here."""
-    from heft.launcher.config import ConfigError, config_from_dict, validate
-    from heft.launcher.inference import UNSPLIT, resolve_checkpoint
-
-    for option, value in (("--nproc", nproc), ("--micro-batch-size", micro_batch_size),
-                          ("--max-batches", max_batches)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{option} must be >= 1, got {value}")
-    checkpoint = resolve_checkpoint(path)
-    state = files.verify(checkpoint)
-    extra = [*UNSPLIT, *overrides]  # one process unless the overrides say otherwise
-    if data:
-        extra.append(f"data.path={data}")
-    if micro_batch_size:
-        extra.append(f"train.micro_batch_size={micro_batch_size}")
-    extra.append(f"train.eval_max_microbatches={max_batches if max_batches else 'null'}")
-    cfg = config_from_dict(state["config"], extra)
-    model_parallel = cfg.parallel.model_parallel_size()
-    world = nproc or model_parallel * (cfg.parallel.data or 1)
-    if world % model_parallel:
-        raise ConfigError(f"--nproc {world} is not a multiple of TP*PP*CP = {model_parallel}")
-    # Evaluation has no global batch; make the training one agree with this layout.
-    extra.append(f"train.global_batch_size={cfg.train.micro_batch_size * world // model_parallel}")
-    validate(config_from_dict(state["config"], extra), world)
-    _check_data(cfg, checkpoint, state)
-    return EvalPlan(checkpoint, extra, world)
+        for option, value in (("--nproc", nproc), ("--micro-batch-size", micro_batch_size),
+                              ("--max-batches", max_batches)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{option} must be >= 1, got {value}")
+        checkpoint = files.resolve_checkpoint(path)
+        state = files.verify(checkpoint)
+        extra = [*UNSPLIT, *overrides]  # one process unless the overrides say otherwise
+        if data:
+            extra.append(f"data.path={data}")
+        if micro_batch_size:
+            extra.append(f"train.micro_batch_size={micro_batch_size}")
+        extra.append(f"train.eval_max_microbatches={max_batches if max_batches else 'null'}")
+        cfg = config_from_dict(state["config"], extra)
+        model_parallel = cfg.parallel.model_parallel_size()
+        world = nproc or model_parallel * (cfg.parallel.data or 1)
+        if world % model_parallel:
+            raise ConfigError(f"--nproc {world} is not a multiple of TP*PP*CP = {model_parallel}")
+        # Evaluation has no global batch; make the training one agree with this layout.
+        extra.append(f"train.global_batch_size={cfg.train.micro_batch_size * world // model_parallel}")
+        validate(config_from_dict(state["config"], extra), world)
+        _check_data(cfg, checkpoint, state)
+        return cls(checkpoint, extra, world)
 
 
 def _check_data(cfg, checkpoint: Path, state: dict) -> None:
@@ -61,14 +68,13 @@ def _check_data(cfg, checkpoint: Path, state: dict) -> None:
     from heft.data.loader import check_has_validation, check_sequence_length
     from heft.data.tokenizer import load_tokenizer
     from heft.data.verify import verify_dataset
-    from heft.launcher.checkpoint import checkpoint_tokenizer
+    from heft.launcher.checkpoint.contents import checkpoint_tokenizer
 
     manifest = verify_dataset(cfg.data.path)
     check_sequence_length(manifest, cfg.model.seq_length, cfg.data.path)
     ours = checkpoint_tokenizer(checkpoint, state)
     theirs = load_tokenizer(Path(cfg.data.path), manifest["tokenizer"])
-    if (ours.kind, ours.vocab_size) != (theirs.kind, theirs.vocab_size) or (
-            ours.kind != "byte" and ours._tok.get_vocab(True) != theirs._tok.get_vocab(True)):
+    if not ours.same_as(theirs):
         raise DataConfigError(f"{cfg.data.path} was tokenized with another tokenizer ({theirs.kind}, "
                               f"{theirs.vocab_size} tokens) than {checkpoint} ({ours.kind}, "
                               f"{ours.vocab_size} tokens); evaluate on data prepared with the model's tokenizer")
@@ -81,11 +87,12 @@ def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
 
     from heft.data.loader import validation_batches
     from heft.data.prepare import load_manifest
-    from heft.launcher.checkpoint import load_weights
+    from heft.launcher.checkpoint.contents import load_weights
     from heft.launcher.config import config_from_dict
-    from heft.launcher.evaluate import Evaluator
-    from heft.launcher.train import (build_loss_reduction, build_model, check_backends,
-                                     clean_stale_data_state, start_processes)
+    from heft.launcher.preflight.checks import check_backends
+    from heft.launcher.train.build import (build_loss_reduction, build_model, clean_stale_data_state,
+                                           start_processes)
+    from heft.launcher.train.evaluator import Evaluator
     from heft.model import cpu_compat
     from heft.model.build import Backends
     from heft.model.parallel import shutdown
@@ -115,7 +122,7 @@ def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
     results = _results(path, state, cfg, layout, metrics, evaluator.last_report, domains)
     if layout.rank == 0:
         out = output_path(path, state, cfg)
-        files.write_atomically(out, json.dumps(results, indent=1) + "\n")
+        write_atomically(out, json.dumps(results, indent=1) + "\n")
         print(table(results) + f"\nheft: wrote {out}", flush=True)
     shutdown()
     return results

@@ -9,6 +9,9 @@ import json
 import math
 from pathlib import Path
 
+from heft.launcher.atomic import write_atomically
+from heft.launcher.metrics import records
+
 
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, resume_step: int = 0):
@@ -22,7 +25,7 @@ class MetricsWriter:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "metrics.jsonl"
+        path = records.path_in(self.run_dir)
         if resume_step:
             _keep_records_up_to(path, resume_step)
         self._jsonl = open(path, "a", buffering=1)
@@ -97,18 +100,8 @@ def format_console_line(r: dict) -> str:
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl (atomically) without the records after ``step``."""
-    import os
-
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a kill
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    """Rewrite metrics.jsonl (atomically) without the records after ``step``; a line cut short by
+    a kill goes too."""
+    log = records.read(path.parent)
+    if log.exists:
+        write_atomically(path, "".join(json.dumps(r) + "\n" for r in log.records if r["step"] <= step))

@@ -7,25 +7,14 @@ cluster still remembers the job, ``scontrol show job``. Nothing here needs the r
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import socket
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from heft.launcher import runstate, slurm_job, submit
-
-# Slurm job states -> what they mean for the run (scontrol's JobState).
-SLURM_STATE_VERDICT = {
-    "PENDING": "queued", "CONFIGURING": "starting", "RUNNING": "running", "COMPLETING": "ending",
-    "REQUEUED": "queued", "REQUEUE_HOLD": "held", "REQUEUE_FED": "queued", "SUSPENDED": "suspended",
-    "PREEMPTED": "preempted", "COMPLETED": "done", "CANCELLED": "cancelled", "FAILED": "failed",
-    "TIMEOUT": "timed out", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed",
-    "DEADLINE": "timed out",
-}
-
+from heft.launcher.jobs import requeue, slurm
+from heft.launcher.launch import runstate
+from heft.launcher.metrics import records
 
 @dataclass
 class RunStatus:
@@ -56,20 +45,8 @@ class RunStatus:
 
 def read_metrics(run_dir: Path, window: int = 10) -> dict:
     """Last training record, last eval loss, and the mean step time of the last ``window`` records."""
-    path = run_dir / "metrics.jsonl"
-    train, evals = [], None
-    if path.is_file():
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if "loss" in record:
-                    train.append(record)
-                    train = train[-window:]
-                elif any(k.startswith("eval") for k in record):
-                    evals = record
+    log = records.read(run_dir)
+    train, evals = log.train[-window:], log.evals
     out: dict = {}
     if train:
         last = train[-1]
@@ -77,21 +54,8 @@ def read_metrics(run_dir: Path, window: int = 10) -> dict:
         out.update(step=last.get("step"), loss=last.get("loss"), tokens_per_s=last.get("tokens_per_s"),
                    step_time_s=sum(times) / len(times) if times else None)
     if evals:
-        out["eval_loss"] = evals.get("eval_loss")
+        out["eval_loss"] = evals[-1].get("eval_loss")
     return out
-
-
-def scontrol_job(job_id: str) -> dict | None:
-    """``scontrol show job -o`` as a dict; None when there is no scontrol or it forgot the job."""
-    try:
-        done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                              text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode != 0 or not done.stdout.strip():
-        return None
-    line = done.stdout.strip().splitlines()[0]
-    return dict(re.findall(r"(\w+)=(\S*)", line))
 
 
 def _alive_here(state: dict) -> bool:
@@ -117,22 +81,22 @@ def collect(run_dir: str | Path) -> RunStatus:
         setattr(status, key, value)
     launch = runstate.read(run_dir) or {}
     status.steps = launch.get("stop_at_step") or launch.get("steps")
-    ckpt_step = slurm_job.latest_checkpoint_step(run_dir)
+    ckpt_step = requeue.latest_checkpoint_step(run_dir)
     if ckpt_step is not None:
         ckpt_dir = Path(launch.get("checkpoint_dir") or run_dir / "checkpoints")
         status.checkpoint = str(ckpt_dir / f"step_{ckpt_step}")
-    events = slurm_job.read_events(run_dir)
+    events = requeue.read_events(run_dir)
     status.requeues = sum(1 for e in events if e.get("event") == "end" and e.get("action") == "requeue")
 
-    job = submit.read_job_record(run_dir)
+    job = slurm.read_job_record(run_dir)
     if job:
         status.job_id = job["job_id"]
     elif launch.get("slurm_job_id"):
         status.job_id = launch["slurm_job_id"]
-    slurm = scontrol_job(status.job_id) if status.job_id else None
-    if slurm:
-        status.slurm_state = slurm.get("JobState")
-        reason = slurm.get("Reason")
+    job_info = slurm.scontrol_job(status.job_id) if status.job_id else None
+    if job_info:
+        status.slurm_state = job_info.get("JobState")
+        reason = job_info.get("Reason")
         status.slurm_reason = None if reason in (None, "None") else reason
 
     # The verdict: a live Slurm state wins; else what the launcher wrote when the run ended.
@@ -146,7 +110,7 @@ def collect(run_dir: str | Path) -> RunStatus:
                                 "memory, scancel, node failure?); resume with the same heft train "
                                 "command or heft submit")
     if status.slurm_state:
-        verdict = SLURM_STATE_VERDICT.get(status.slurm_state, status.slurm_state.lower())
+        verdict = slurm.SLURM_STATE_VERDICT.get(status.slurm_state, status.slurm_state.lower())
         if verdict == "queued" and status.requeues:
             status.state, status.detail = "preempted", "requeued, waiting to resume"
         elif verdict in ("queued", "starting", "running", "ending", "held", "suspended"):

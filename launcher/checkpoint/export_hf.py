@@ -20,15 +20,16 @@ from pathlib import Path
 import torch
 
 from heft.data.prepare import swap_in
-from heft.launcher import checkpoint_files as files
-from heft.launcher.checkpoint_files import CheckpointError
+from heft.launcher.checkpoint import files
+from heft.launcher.checkpoint.files import CheckpointError
+from heft.launcher.launch.reporting import UserError
 from heft.model import hf_llama
 
 MARKER = "heft-export.json"
 PARTIAL_MARKER = ".heft-export-partial"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The output directory cannot be used. The message names it and the fix."""
 
 
@@ -85,7 +86,7 @@ def hf_state_dict(path: Path, state: dict) -> dict[str, torch.Tensor]:
 
 def export(checkpoint: Path, out: Path) -> Path:
     """Write the Hugging Face Llama equivalent of ``checkpoint`` to ``out``; returns ``out``."""
-    from heft.launcher.checkpoint import checkpoint_tokenizer
+    from heft.launcher.checkpoint.contents import checkpoint_tokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
     state = files.verify(checkpoint)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from heft.launcher.config import HeftConfig, OptimConfig
+from heft.launcher.config import HeftConfig, adam_impl
 
 
 def build_optimizer(cfg: HeftConfig, chunks, bf16: bool):
@@ -62,14 +62,6 @@ def build_optimizer(cfg: HeftConfig, chunks, bf16: bool):
 
 def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
-
-
-def adam_impl(o: OptimConfig, cuda: bool | None = None) -> str:
-    """The AdamW kernel a run uses (on CUDA when ``cuda``, by default where this process runs):
-    ``auto`` is fused on CUDA and foreach on CPU."""
-    if o.adam_impl != "auto":
-        return o.adam_impl
-    return "fused" if (torch.cuda.is_available() if cuda is None else cuda) else "foreach"
 
 
 def torch_adams(optimizer) -> list[torch.optim.Adam]:

@@ -1,4 +1,8 @@
-"""Stop requests: SIGTERM or SIGUSR1 on any rank asks the whole job to save and exit.
+"""Stop requests: every way to ask a run to save and stop, and the Ctrl-C policy of a worker.
+
+SIGTERM or SIGUSR1 on any rank asks the whole job to save and exit; so does a stop file
+(``RUN_DIR/heft-stop``, :func:`stop_file`), which the launching ``heft train`` watches and turns into
+SIGUSR1 for its workers (``launch/agent.py``).
 
 The handler only records the signal. At each step boundary (and between blocks of evaluation
 microbatches) every rank joins one small all-reduce, so all ranks agree to stop at the same step
@@ -15,8 +19,19 @@ failure rather than a stop. It is remembered instead and honoured at the first s
 from __future__ import annotations
 
 import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_FILE = "heft-stop"
+
+
+def stop_file(run_dir: str | Path) -> Path:
+    """The file whose appearance asks the run in ``run_dir`` to save and stop (as SIGUSR1 does)."""
+    return Path(run_dir) / STOP_FILE
 
 _received = 0  # the last stop signal this process received (0: none)
 
@@ -30,6 +45,16 @@ def listen() -> None:
     """From now on a stop signal is recorded, not fatal. Idempotent."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _record)
+
+
+def hold_stop_signals() -> list:
+    """In the launching ``heft train``, until the workers start: a stop signal (SIGUSR1/SIGTERM:
+    preemption, the time limit) is remembered rather than fatal; the returned list holds it.
+    launch/agent.run_workers then forwards them to the workers."""
+    received: list = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum)))
+    return received
 
 
 def die_on_ctrl_c() -> None:

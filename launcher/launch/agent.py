@@ -4,7 +4,7 @@ Running the agent in-process (rather than exec'ing ``torchrun``) lets heft own w
 and what signals do:
 
 * workers write failures to a report directory instead of printing them; when the agent reports
-  failed workers, each distinct message is printed once (``launcher/reporting.py``), and
+  failed workers, each distinct message is printed once (``launcher/launch/reporting.py``), and
   ``heft train`` exits with the workers' status;
 * Ctrl-C (SIGINT) is the agent's: it stops the workers, and heft prints one line;
 * SIGTERM and SIGUSR1 are heft's: they are forwarded to the workers, which save a checkpoint at
@@ -28,15 +28,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from heft.launcher import output, reporting
+from heft.launcher.launch import known_warnings, reporting
 
 WORKER_MODULE = "heft.launcher.worker"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-STOP_FILE = "heft-stop"
-
-
-def stop_file(run_dir: str | Path) -> Path:
-    return Path(run_dir) / STOP_FILE
 
 
 def _watch_stop_file(path: Path, finished: threading.Event, poll_s: float = 1.0) -> None:
@@ -156,7 +151,7 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and warn about it
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _nproc(torchrun_args)))
     _quiet_agent(verbose)
-    child_filters = output.child_process_warning_filters()
+    child_filters = known_warnings.child_process_warning_filters()
     if child_filters:
         os.environ["PYTHONWARNINGS"] = child_filters
     parser = get_args_parser()

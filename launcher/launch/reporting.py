@@ -25,6 +25,9 @@ import time
 import traceback
 from pathlib import Path
 
+from heft.data.config import DataConfigError
+from heft.launcher.atomic import write_atomically
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -32,6 +35,17 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: a temporary failure, try again
 EXIT_INTERRUPTED = 130
 
 REPORT_DIR_VAR = "HEFT_REPORT_DIR"
+
+
+class UserError(Exception):
+    """Something the user can fix: a config, data, checkpoint, run directory or command line that
+    cannot work. heft prints its one-line message (no traceback) and exits with EXIT_USAGE. Each
+    room's own error subclasses it (ConfigError, CheckpointError, SubmitError, ExportError, ...)."""
+
+
+USER_ERRORS = (UserError, DataConfigError, FileNotFoundError, FileExistsError, PermissionError)
+"""Every error that ends ``heft`` and a worker with EXIT_USAGE and one line: the one list both
+``cli.main`` and ``worker.main`` catch. ``data/`` cannot import launcher/, so its error is named here."""
 
 
 def _rank() -> int:
@@ -44,10 +58,7 @@ def report(status: int, message: str, detail: str | None = None) -> None:
     if directory:
         record = {"rank": _rank(), "status": status, "message": message, "detail": detail,
                   "time": time.time()}
-        path = Path(directory) / f"rank{_rank()}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        write_atomically(Path(directory) / f"rank{_rank()}.json", json.dumps(record))
         return
     prefix = f"[rank {_rank()}] " if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     if detail:

@@ -13,11 +13,12 @@ import socket
 import time
 from pathlib import Path
 
-from heft.launcher import reporting
+from heft.launcher.atomic import write_atomically
+from heft.launcher.launch import reporting
 
 FILE_NAME = "heft-run.json"
 
-# Exit status -> the run's state as `heft status` reports it (launcher/reporting.py lists statuses).
+# Exit status -> the run's state as `heft status` reports it (launcher/launch/reporting.py lists statuses).
 ENDED_STATES = {reporting.EXIT_OK: "done", reporting.EXIT_REQUEUE: "preempted",
                 reporting.EXIT_INTERRUPTED: "interrupted", reporting.EXIT_USAGE: "failed",
                 reporting.EXIT_FAILED: "failed"}
@@ -35,10 +36,7 @@ def read(run_dir: str | Path) -> dict | None:
 
 
 def _write(run_dir: str | Path, record: dict) -> None:
-    path = path_in(run_dir)
-    tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path_in(run_dir), json.dumps(record, indent=1) + "\n")
 
 
 class RunStateFile:
