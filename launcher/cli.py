@@ -248,6 +248,9 @@ def cmd_submit(args) -> int:
     if options.nodes < 1 or options.grace_s < 0 or options.max_requeues < 0:
         raise UsageError("--nodes must be >= 1, --grace and --max-requeues >= 0")
     submit.check_time(options)
+    # Before anything is checked or made: values that would change the batch script's meaning.
+    submit.check_script_values(options, {"the config path": Path(args.config).resolve(),
+                                         "the working directory": Path.cwd()})
     sweep = submit.read_sweep(args.sweep) if args.sweep else None
     created = submit.dirs_the_checks_create(args.config, args.overrides, sweep) if args.dry_run else []
     members = submit.members(args.config, args.overrides, options, sweep)

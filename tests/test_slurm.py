@@ -235,6 +235,30 @@ def test_time_limit_and_grace_are_checked_and_overrides_may_follow_the_options(t
     assert not (tmp_path / "b").exists()
 
 
+def test_values_that_would_change_the_script_are_refused_before_anything_is_written(tmp_path, tiny_train_config):
+    """A newline in an option became a shell line of the batch script (issue 22, item 1)."""
+    marker = tmp_path / "injected"
+    common = ["submit", str(tiny_train_config), "--nodes", "1", "--dry-run", f"train.run_dir={tmp_path / 'r'}"]
+    for option, value in (("--job-name", f"ok\ntouch {marker}"), ("--account", "lm\nid"),
+                          ("--partition", "gpu\rx"), ("--mem", "200G\n#SBATCH --x"),
+                          ("--sbatch-arg", f"--qos=high\ntouch {marker}"), ("--env", "A=b\nc"),
+                          ("--job-name", "two words"), ("--mem", "lots"), ("--sbatch-arg", "qos=high")):
+        bad = run_heft([*common, option, value], check=False)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and option in bad.stderr, (option, bad.stderr)
+        assert "heft: error:" in bad.stderr and not bad.stdout
+    weird_run_dir = tmp_path / "run\nid"  # from a config file: YAML folds a newline in an override
+    config = tmp_path / "weird.yaml"
+    config.write_text(tiny_train_config.read_text() + f"\ntrain: {{run_dir: {json.dumps(str(weird_run_dir))}}}\n")
+    bad = run_heft(["submit", str(config), "--nodes", "1", "--dry-run"], check=False)
+    assert bad.returncode == 2 and "control character" in bad.stderr and not weird_run_dir.exists()
+    assert not marker.exists() and not (tmp_path / "r").exists()
+    fine = run_heft([*common, "--job-name", "lm-1.4b_v2", "--account", "lm", "--partition", "gpu,gpu2",
+                     "--mem", "200G", "--sbatch-arg=--qos=high"])
+    for line in ("#SBATCH --job-name=lm-1.4b_v2", "#SBATCH --partition=gpu,gpu2", "#SBATCH --mem=200G",
+                 "#SBATCH --qos=high"):
+        assert line in fine.stdout
+
+
 def test_requeue_rules():
     from heft.launcher.jobs.requeue import decide_requeue
 

@@ -106,6 +106,53 @@ def check_time(options: SubmitOptions) -> None:
             f"longer --time or a shorter --grace")
 
 
+# What each option may hold where Slurm has a syntax for it. Every value in the script is also
+# refused when it holds a control character: a newline in an #SBATCH line ends the header (sbatch
+# stops reading #SBATCH lines there) and makes the rest a shell command.
+SLURM_OPTION_PATTERNS = {
+    "--job-name": (r"[\w.@+:%=/-]{1,200}", "letters, digits and . _ - + : @ % = /"),
+    "--partition": (r"[\w.-]+(,[\w.-]+)*", "a partition name, or several separated by commas"),
+    "--account": (r"[\w.-]+", "an account name: letters, digits, . _ -"),
+    "--mem": (r"\d+([KMGT]B?)?", "a size such as 200G, 64000M or 0"),
+    "--dependency": (r"[\w:,?+%*-]+", "a Slurm dependency list such as afterok:1234"),
+}
+
+
+def _has_control_character(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def check_script_values(options: SubmitOptions, paths: dict[str, Path]) -> None:
+    """Refuse, in one line and before anything is written, a value that could change the batch
+    script's meaning: a control character anywhere (an option, an --sbatch-arg, an --env value, a
+    path written into the script), or an option that does not match Slurm's syntax for it."""
+    import re
+
+    values = {"--job-name": options.job_name, "--partition": options.partition,
+              "--account": options.account, "--mem": options.mem, "--dependency": options.dependency}
+    for option, value in values.items():
+        if value is None:
+            continue
+        pattern, what = SLURM_OPTION_PATTERNS[option]
+        if _has_control_character(value) or not re.fullmatch(pattern, value):
+            raise SubmitError(f"{option} {value!r} is not a valid value: it takes {what}")
+    for line in options.sbatch_args:
+        if _has_control_character(line) or not line.startswith("-"):
+            raise SubmitError(f"--sbatch-arg {line!r} must be one sbatch option (starting with -) on "
+                              f"one line, e.g. --sbatch-arg=--qos=high")
+    for item in options.env:
+        if _has_control_character(item):
+            raise SubmitError(f"--env {item!r} holds a control character (a newline?); give one line")
+    for what, path in paths.items():
+        check_path_for_script(what, path)
+
+
+def check_path_for_script(what: str, path: str | Path) -> None:
+    if _has_control_character(str(path)):
+        raise SubmitError(f"{what} {str(path)!r} holds a control character (a newline?), which "
+                          f"cannot go into a batch script; rename it")
+
+
 def procs_per_node(options: SubmitOptions, cfg) -> int:
     if options.procs_per_node:
         return options.procs_per_node
@@ -146,6 +193,7 @@ def check_member(config: str, overrides: list[str], options: SubmitOptions) -> M
 
     cfg = load_config(config, overrides)
     validate(cfg, world_size=procs_per_node(options, cfg) * options.nodes)
+    check_path_for_script("train.run_dir", Path(cfg.train.run_dir).resolve())  # before the checks create it
     refuse_if_job_active(Path(cfg.train.run_dir))
     finished = check_before_launch(cfg)
     if finished:
