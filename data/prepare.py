@@ -426,6 +426,8 @@ def _write(streams: dict, directory: Path, options: PrepareOptions) -> dict:
     manifest = {"format": FORMAT, "seq_length": options.seq_length, "tokenizer": spec, "domains": domains,
                 "val_fraction": options.val_fraction, "split": "by document (blake2b of the text)",
                 "skipped_records": dict(options.read.skipped), "input_bytes": progress.bytes}
+    if options.read.unsupported_files:
+        manifest["unsupported_files"] = list(options.read.unsupported_files)
     return manifest
 
 
@@ -446,7 +448,7 @@ def prepare(domains: dict[str, list[str]], out: Path, tokenizer: str = "byte", s
 def prepare_files(domains: dict[str, list[str]], out: Path, options: PrepareOptions) -> dict:
     """Prepare input files: domain name -> files/directories/globs. With ``options.read.domain_field``
     the names only group inputs; each record's field names its domain."""
-    expanded = {name: expand(paths) for name, paths in domains.items()}
+    expanded = {name: expand(paths, options.read.unsupported_files) for name, paths in domains.items()}
 
     def stream(name, files):
         def records():

@@ -42,14 +42,17 @@ class ReadOptions:
     """Count and skip bad records instead of stopping at the first."""
     skipped: Counter = field(default_factory=Counter)
     """Skipped records by reason (filled while reading)."""
+    unsupported_files: list[str] = field(default_factory=list)
+    """Files of other types found inside input directories, which were not read (filled by expand)."""
 
 
 def _supported(path: Path) -> bool:
     return any(path.name.endswith(s) for s in SUFFIXES)
 
 
-def expand(inputs: list[str]) -> list[Path]:
-    """Files from files, directories (recursively, sorted) and globs, in the order given."""
+def expand(inputs: list[str], unsupported: list[str] | None = None) -> list[Path]:
+    """Files from files, directories (recursively, sorted) and globs, in the order given. Files of
+    other types inside a directory are left out and appended to ``unsupported``."""
     files: list[Path] = []
     for item in inputs:
         if any(c in item for c in "*?["):
@@ -60,7 +63,10 @@ def expand(inputs: list[str]) -> list[Path]:
             continue
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _supported(p))
+            everything = sorted(p for p in path.rglob("*") if p.is_file())
+            found = [p for p in everything if _supported(p)]
+            if unsupported is not None:
+                unsupported.extend(str(p) for p in everything if not _supported(p))
             if not found:
                 raise FileNotFoundError(f"input directory {path} holds no {', '.join(SUFFIXES)} file")
             files += found

@@ -142,7 +142,10 @@ def cmd_prepare(args) -> int:
                 name, sep, paths = spec.partition("=")
                 if not sep or not name or not paths:
                     raise UsageError(f"--domain {spec!r} is not NAME=PATH[,PATH...]")
-                domains.setdefault(name, []).extend(paths.split(","))
+                if name in domains:
+                    raise UsageError(f"--domain {name} is given twice; give its inputs once, "
+                                     f"separated by commas: --domain {name}=PATH1,PATH2")
+                domains[name] = paths.split(",")
             if args.input:
                 domains = {"inputs": list(args.input)}
             manifest = prepare_files(domains, Path(out), options)
@@ -155,6 +158,10 @@ def cmd_prepare(args) -> int:
               f"{d['val']['samples']} val samples of {manifest['seq_length'] + 1} tokens")
     for reason, count in manifest.get("skipped_records", {}).items():
         print(f"heft: skipped {count} record(s): {reason}")
+    unsupported = manifest.get("unsupported_files", [])
+    if unsupported:
+        print(f"heft: did not read {len(unsupported)} file(s) of other types in the input directories: "
+              f"{', '.join(unsupported[:5])}{', ...' if len(unsupported) > 5 else ''} (the manifest lists them)")
     print(f"wrote {out} (tokenizer {manifest['tokenizer']['kind']}, vocab {manifest['tokenizer']['vocab_size']})")
     return 0
 
@@ -511,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("heft: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `heft status RUN | head`: the reader has gone; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush cannot fail again
+        return 141  # as a process SIGPIPE ended
 
 
 if __name__ == "__main__":

@@ -202,3 +202,19 @@ def worker_with_rank(parent_pid: int, rank: int):
         except psutil.Error:
             continue
     raise AssertionError(f"no worker with RANK={rank}")
+
+
+@pytest.fixture(scope="session")
+def heft_wheel(tmp_path_factory) -> Path:
+    """heft's wheel, built by pip from the files git tracks (what a clean clone builds); one build
+    for the tests that look inside it."""
+    source = tmp_path_factory.mktemp("wheel-source")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        target = source / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((REPO / name).read_bytes())
+    dist = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "-w", str(dist), str(source)], check=True, capture_output=True)
+    return next(dist.glob("heft-*.whl"))

@@ -258,6 +258,15 @@ def test_checkpoint_of_another_model_is_refused_naming_the_difference(two_checkp
     assert len(lines) == 1 and "holds another model: hidden_size 64 (checkpoint) vs 128 (this run)" in lines[0], proc.stderr
 
 
+def test_a_pruned_or_mistyped_checkpoint_is_said_not_to_exist(two_checkpoints, tiny_train_config, tmp_path):
+    """The README's block named a checkpoint keep=3 had pruned: 'state.json is missing' (issue 22, item 12)."""
+    gone = two_checkpoints / "checkpoints" / "step_2"
+    proc = _train(tiny_train_config, tmp_path / "other", 8, "parallel.data=2", f"checkpoint.load={gone}", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{gone} does not exist (pruned?" in proc.stderr and "holds step_3, step_6" in proc.stderr
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+
+
 def test_load_none_with_existing_checkpoints_is_refused(two_checkpoints, tiny_train_config, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(two_checkpoints, run_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, heft_env, holders_of, read_metrics, wait_for_step, worker_with_rank
+from conftest import heft_env, holders_of, read_metrics, wait_for_step, worker_with_rank
 
 HEFT = str(Path(sys.executable).parent / "heft")
 
@@ -47,15 +47,13 @@ def test_trains_from_a_directory_with_data_model_launcher_modules(tiny_train_con
     assert [r["step"] for r in read_metrics(project / "run")] == [1, 2]
 
 
-def test_installed_distribution_has_only_the_heft_namespace(tmp_path):
+def test_installed_distribution_has_only_the_heft_namespace(heft_wheel):
     shown = subprocess.run([sys.executable, "-m", "pip", "show", "-f", "heft"], capture_output=True,
                            text=True, check=True).stdout
     files = [line.strip() for line in shown.split("Files:")[1].splitlines() if line.strip()]
     assert not [f for f in files if f.split("/")[0] in ("data", "model", "launcher", "reweighting")]
     # A regular (non-editable) wheel: everything under heft/ or its metadata.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)
-    names = zipfile.ZipFile(next(tmp_path.glob("heft-*.whl"))).namelist()
+    names = zipfile.ZipFile(heft_wheel).namelist()
     assert "heft/launcher/cli.py" in names and "heft/data/loader.py" in names
     assert all(n.startswith(("heft/", "heft-")) for n in names), names
 
@@ -252,6 +250,17 @@ def test_ctrl_c_stops_with_one_line(tiny_train_config, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         f"heft: interrupted (Ctrl-C); the workers were stopped; the same command resumes from "
         f"{run_dir / 'checkpoints'}/step_"), err[-3000:]
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    """`heft status RUN | head` ended in a BrokenPipeError traceback (issue 22, item 14)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "step_time_s": 0.1, "tokens_per_s": 5}\n')
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before heft writes: every write fails with EPIPE
+    proc = subprocess.run([sys.executable, "-m", "heft.launcher.cli", "status", str(tmp_path)], stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, env=heft_env(), timeout=60)
+    os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
 
 
 def test_a_nan_gradient_is_not_applied(tiny_train_config):

@@ -234,6 +234,14 @@ def test_lm_eval_scores_heft_checkpoint_as_its_hf_export(tied_run, tied_export, 
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "heft_mc" in proc.stdout and "acc" in proc.stdout
+    # A task whose dataset cannot be fetched: one line naming it (a traceback before; issue 22, item 14).
+    proc = subprocess.run([sys.executable, "-m", "heft.launcher.cli", "lm-eval", "--model", "heft",
+                           "--model_args", f"checkpoint={tied_run}", "--tasks", "hellaswag", "--limit", "3"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "heft: error: lm-eval could not load the data of hellaswag"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 def _random_hf_llama(directory: Path, tie: bool) -> None:

@@ -165,6 +165,21 @@ def test_bad_records_name_file_and_line_or_are_counted(tmp_path, line, reason):
     assert manifest["domains"][0]["documents"] == 2 and sum(manifest["skipped_records"].values()) == 1
 
 
+def test_cli_prepare_refuses_a_domain_given_twice_and_names_files_it_did_not_read(tmp_path):
+    """Duplicate --domain names were merged and other file types skipped, both silently (issue 22, item 13)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("plain text that heft reads " * 40)
+    (src / "notes.pdf").write_bytes(b"%PDF-1.4 not read")
+    twice = run_heft(["prepare", "--domain", f"web={src}", "--domain", f"web={src / 'a.txt'}",
+                      "--out", str(tmp_path / "twice"), "--seq-length", "16"], check=False)
+    assert twice.returncode == 2 and twice.stderr.count("\n") == 1 and "--domain web is given twice" in twice.stderr
+    assert not (tmp_path / "twice").exists()
+    done = run_heft(["prepare", "--domain", f"web={src}", "--out", str(tmp_path / "out"), "--seq-length", "16"])
+    assert f"did not read 1 file(s) of other types in the input directories: {src / 'notes.pdf'}" in done.stdout
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["unsupported_files"] == [str(src / "notes.pdf")]
+
+
 def test_cli_prepare_reports_bad_input_in_one_line(tmp_path):
     src = tmp_path / "in.jsonl.gz"
     src.write_bytes(gzip.compress(b'{"text": "ok"}\n')[:-6])  # truncated

@@ -152,6 +152,12 @@ def _read_metadata(path: Path):
 
 
 def read_state(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        pruned = (f" (pruned? checkpoint.keep keeps the newest few; {path.parent} holds "
+                  f"{', '.join(p.name for p in complete_checkpoints(path.parent)) or 'none'})"
+                  if path.parent.is_dir() and step_of(path) is not None else "")
+        raise CheckpointError(f"{path} does not exist{pruned}")
     state_file = path / HEFT_DIR / STATE_FILE
     try:
         return json.loads(state_file.read_text())

@@ -107,4 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, FileNotFoundError) as exc:  # heft's own one-line errors
         print(f"heft: error: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub", also when offline
+        tasks = _option(sys.argv, "--tasks") or "the tasks"
+        print(f"heft: error: lm-eval could not load the data of {tasks} ({str(exc).splitlines()[0]}); "
+              f"its datasets must be reachable or already in the Hugging Face cache (HF_HOME), or use "
+              f"a task that reads local files (--include_path)", file=sys.stderr)
+        return 2
     return 0
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in an lm-eval command line."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
