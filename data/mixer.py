@@ -20,6 +20,7 @@ Streaming cannot change a live dataset's proportions, so heft owns the global sa
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +122,11 @@ class Cursor:
     position: int = 0
 
 
+STEERING_FIELDS = ("controller", "schedule", "update_interval", "step_size", "smoothing", "reference")
+"""The mixture settings a controller's state depends on (min_weight, prefetch and on_exhausted act
+outside it)."""
+
+
 class DomainMixer:
     """Endless iterator of this replica's per-step batches; see the module docstring."""
 
@@ -140,6 +146,10 @@ class DomainMixer:
         initial = np.array([initial_weights.get(n, 0.0) for n in self.names])
         self.controller = build_controller(mixture, self.names, initial, total_steps,
                                            global_batch_size * seq_length, reference)
+        # What the controller was built from; a checkpoint records it, and a resume whose config
+        # differs starts the controller afresh from this run's (the config wins, as documented).
+        self.controller_config = {"data.proportions": initial.tolist(),
+                                  **{f"mixture.{k}": getattr(mixture, k) for k in STEERING_FIELDS}}
         self.cursors = [Cursor() for _ in self.names]
         self.next_step, self.plan, self.plan_weights = 1, None, None
         if state is not None:
@@ -256,7 +266,8 @@ class DomainMixer:
             "plan_weights": self.plan_weights,
             "domains": {s.name: {"samples": s.size, "epoch": c.epoch, "position": c.position}
                         for s, c in zip(self.sources, self.cursors)},
-            "controller": {"name": self.controller.name, "state": self.controller.state_dict()},
+            "controller": {"name": self.controller.name, "state": self.controller.state_dict(),
+                           "config": self.controller_config},
         }
 
     def _load(self, state: dict) -> None:
@@ -278,8 +289,25 @@ class DomainMixer:
             cursor.epoch, cursor.position = entry["epoch"], entry["position"]
         self.next_step, self.plan, self.plan_weights = state["next_step"], state["plan"], state["plan_weights"]
         controller = state["controller"]
-        if controller["name"] == self.controller.name:
+        changed = self._changed_since(controller)
+        if controller["name"] == self.controller.name and not changed:
             self.controller.load_state_dict(controller["state"])
-        elif os.environ.get("RANK", "0") == "0":  # a new controller starts afresh; the data position is kept
+            return
+        if os.environ.get("RANK", "0") != "0":  # one line per run, not per rank
+            return
+        if controller["name"] != self.controller.name:  # a new controller starts afresh; the data position is kept
             print(f"heft: the checkpoint's mixture controller was {controller['name']}, this run uses "
                   f"{self.controller.name}: it starts fresh from data.proportions", flush=True)
+        else:
+            print(f"heft: {', '.join(changed)} changed since the checkpoint: the {self.controller.name} "
+                  f"mixture starts from this run's config (the data position is kept)", flush=True)
+
+    def _changed_since(self, saved: dict) -> list[str]:
+        """The steering settings that differ from the checkpoint's controller's."""
+        if "config" not in saved:  # written before heft recorded it: a static mixture's weights tell
+            if saved["name"] == "static" and saved["name"] == self.controller.name and not np.allclose(
+                    saved["state"]["weights"], self.controller.weights, rtol=0, atol=1e-12):
+                return ["data.proportions"]
+            return []
+        return [key for key, value in self.controller_config.items()
+                if json.dumps(saved["config"].get(key), sort_keys=True) != json.dumps(value, sort_keys=True)]

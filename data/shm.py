@@ -12,7 +12,8 @@ it scans, live or not), so heft marks the prefixes its datasets use: ``/dev/shm/
 (:func:`mark_in_use`). A prefix is removed only if it is stale and heft's own:
 
 * it carries heft markers and every process they name has exited, and
-* its ``locals`` names only directories inside this run's ``data.path``,
+* its ``locals`` names only directories inside this run's ``data.path`` (or it has no ``locals``
+  segment left at all: a dataset torn down midway, which the markers alone prove was heft's),
 
 plus the file locks, owned by this user, of prefixes that have no segments left at all (no running
 dataset uses them: streaming creates the locals segment before the locks). Another program's
@@ -171,9 +172,11 @@ def clean_stale_streaming_state(data_path: str | Path) -> list[str]:
         users = [int(marker.name.rsplit("-", 1)[1]) for marker in markers.get(prefix, [])]
         if not users or any(_alive(pid) for pid in users):
             continue  # not heft's, or still in use
-        local_dirs = _locals_of(prefix)
-        if not local_dirs or not all(_inside(d, root) for d in local_dirs):
-            continue  # another dataset's (or unreadable): not ours to judge
+        if (SHM_DIR / f"{prefix}_locals").exists():
+            local_dirs = _locals_of(prefix)
+            if not local_dirs or not all(_inside(d, root) for d in local_dirs):
+                continue  # another dataset's (or unreadable): not ours to judge
+        # No locals segment (a dataset torn down midway): heft's markers, all dead, say whose it was.
         for path in paths + markers.get(prefix, []):
             if _owned_by(path, uid):
                 path.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.die_on_ctrl_c()  # until training starts (train/loop.py): nothing to lose yet
     known_warnings.filter_known_warnings()  # before megatron-core and streaming are imported
     stop.listen()  # a stop signal during start-up is honoured at the first step, not fatal
+    stop.stop_when_orphaned()  # a worker never trains on without its launcher
     from heft.model.megatron_import import import_megatron
 
     import_megatron()  # before anything imports megatron-core: its fusions then cost no start-up
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from heft.launcher.evaluate.heldout import EVAL_FLAG
     from heft.launcher.launch import reporting
     from heft.launcher.launch.environment import prepare_worker_environment
+    from heft.launcher.train.checkpointing import CheckpointSaveFailed
     from heft.launcher.train.loop import CollectiveFailure, NonFiniteLossError, StopForRequeue, train
     from heft.launcher.train.out_of_memory import OutOfMemory
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except reporting.USER_ERRORS as exc:
         status = reporting.EXIT_USAGE
         reporting.report(status, str(exc))
-    except (NonFiniteLossError, CollectiveFailure, OutOfMemory) as exc:
+    except (NonFiniteLossError, CollectiveFailure, OutOfMemory, CheckpointSaveFailed) as exc:
         status = reporting.EXIT_FAILED
         reporting.report(status, str(exc))
     except Exception as exc:  # a bug or an upstream failure: keep the traceback, once

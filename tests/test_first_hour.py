@@ -3,6 +3,7 @@ no silent damage, Ctrl-C. Every run here is the real `heft` CLI launching real t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -167,6 +168,30 @@ def test_a_stopped_rank_becomes_an_error_naming_it(tiny_train_config, tmp_path):
     assert "did not finish within train.step_timeout_s=8 s" in err and "rank(s) 1 stopped responding" in err, err
     assert len(err.strip().splitlines()) <= 2, err
     assert elapsed < 60
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_holder(tiny_train_config, tmp_path):
+    """Two runs into one run directory mixed their metrics and checkpoints (issue 22, item 3)."""
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=30"],
+                             cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_step(first, run_dir, 1)
+        holder = json.loads((run_dir / "heft.lock").read_text())
+        second = _heft(["train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=30"], cwd=tmp_path)
+        _one_error_line(second, "is in use by another run", f"process {holder['pid']}")
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 31))
+    assert not (run_dir / "heft.lock").exists()  # released at the end
+    # A lock left by a killed run on this machine is stale: the next run takes it over.
+    (run_dir / "heft.lock").write_text(json.dumps({**holder, "pid": 2 ** 22 + 1}))
+    again = _heft(["train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=31"], cwd=tmp_path)
+    assert again.returncode == 0 and "taking over" in again.stdout + again.stderr, again.stderr[-2000:]
 
 
 def _catches_sigint(pid: int) -> bool:

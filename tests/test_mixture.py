@@ -206,6 +206,29 @@ def test_mixer_state_resumes_exactly_under_another_data_parallel_size(small_corp
         mixer.close()
 
 
+def test_a_changed_mixture_config_wins_on_resume(small_corpus, capsys):
+    """The static controller restored its saved weights over a changed data.proportions, against
+    the README (issue 22, item 7). Unchanged: the saved state resumes exactly; changed: this run's."""
+    first = _mixer(small_corpus)
+    for _ in range(3):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    same = _mixer(small_corpus, state=state)
+    assert np.allclose(same.controller.weights, [0.5, 0.25, 0.25]) and "changed" not in capsys.readouterr().out
+    same.close()
+    changed = _mixer(small_corpus, state=state, weights={"code": 0.0, "docs": 1.0, "legal": 0.0})
+    assert "data.proportions changed since the checkpoint" in capsys.readouterr().out
+    next(changed)  # the step the checkpoint had planned already
+    assert {d for d, _ in _ids(next(changed))} == {1}  # then only docs
+    changed.close()
+    legacy = json.loads(json.dumps(state))
+    del legacy["controller"]["config"]  # a checkpoint from before heft recorded the config
+    older = _mixer(small_corpus, state=legacy, weights={"code": 0.0, "docs": 1.0, "legal": 0.0})
+    assert np.allclose(older.controller.weights, [0.0, 1.0, 0.0])
+    older.close()
+
+
 def test_a_truncated_shard_names_the_domain_and_file(tmp_path, small_corpus):
     import shutil
 
@@ -304,6 +327,24 @@ def test_stale_shared_memory_of_this_data_is_cleaned_and_nothing_else(tmp_path, 
             for path in SHM_DIR.glob(f"{prefix}_*"):
                 path.unlink(missing_ok=True)
     assert os.path.isdir(ours / "code" / "train")
+
+
+def test_a_stale_prefix_without_its_locals_segment_is_cleaned_too(tmp_path, small_corpus):
+    """A dataset torn down midway can lose its locals segment first; its other segments then leaked
+    for good, since the cleaner skipped prefixes without locals (issue 22, item 2)."""
+    import shutil
+
+    from heft.data.shm import SHM_DIR, clean_stale_streaming_state
+
+    shutil.copytree(small_corpus / "code", tmp_path / "data" / "code")
+    killed = _hold(tmp_path / "data" / "code" / "train", "die")
+    killed.wait()
+    (prefix,) = _prefixes_for(tmp_path / "data" / "code" / "train")
+    (SHM_DIR / f"{prefix}_locals").unlink()
+    leftovers = [p for p in SHM_DIR.iterdir() if p.name.startswith(f"{prefix}_") or p.name.startswith(f"heft-{prefix}-")]
+    assert leftovers
+    assert prefix in clean_stale_streaming_state(tmp_path / "data")
+    assert not [p for p in leftovers if p.exists()]
 
 
 def test_a_job_registers_its_datasets_only_while_no_other_job_on_the_machine_does(tmp_path, tiny_train_config):

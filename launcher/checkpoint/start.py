@@ -14,6 +14,7 @@ from pathlib import Path
 
 from heft.launcher.checkpoint import files
 from heft.launcher.config import ConfigError
+from heft.launcher.launch.run_lock import RunLock
 from heft.launcher.metrics import records
 
 
@@ -61,9 +62,15 @@ def _refuse_earlier_run(run_dir: Path) -> None:
         )
 
 
-def decide_start(cfg, warn=print) -> Start:
+VERIFIED_START_VAR = "HEFT_VERIFIED_START"
+"""Set by the launching ``heft train`` for its workers: the checkpoint it verified, contents included
+(empty: none), so rank 0 neither reads it all again nor decides otherwise."""
+
+
+def decide_start(cfg, warn=print, contents: bool = True, trusted: str | None = None) -> Start:
     """Where this run starts, from train.run_dir and the checkpoint section (see CheckpointConfig.load).
-    ``warn`` receives a line for each newer checkpoint that had to be skipped."""
+    ``warn`` receives a line for each newer checkpoint that had to be skipped; ``contents``: compare
+    the files with their checksums too (files.verify), except for ``trusted``, verified already."""
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = cfg.checkpoint.directory(cfg.train.run_dir)
     load = cfg.checkpoint.load
@@ -77,7 +84,7 @@ def decide_start(cfg, warn=print) -> Start:
         _refuse_earlier_run(run_dir)
         return Start()
     if load == "auto":
-        usable = files.newest_usable(ckpt_dir, warn)
+        usable = files.newest_usable(ckpt_dir, warn, contents, trusted)
         if usable is None:
             if existing:
                 raise RunDirError(
@@ -89,7 +96,7 @@ def decide_start(cfg, warn=print) -> Start:
         return Start(checkpoint=str(path), state=state)
     path = Path(load)
     try:
-        state = files.verify(path)
+        state = files.verify(path, contents and str(path) != trusted)
     except files.CheckpointError as exc:
         raise RunDirError(f"checkpoint.load={load}: {exc}") from None
     newer = [p for p in existing if files.step_of(p) > state["step"]]
@@ -106,7 +113,7 @@ def rerun_hint(cfg) -> str:
     """What running the same command again would do, as a clause for the line that reports an
     interrupted run ("...; the same command resumes from RUN_DIR/checkpoints/step_40")."""
     try:
-        start = decide_start(cfg, warn=lambda line: None)
+        start = decide_start(cfg, warn=lambda line: None, contents=False)
     except RunDirError:
         start = None
     if start is not None and start.checkpoint:
@@ -119,26 +126,33 @@ def rerun_hint(cfg) -> str:
     return "; no checkpoint was saved yet, so a rerun needs a new train.run_dir (or delete this one)"
 
 
-def decide_start_on_every_rank(cfg, rank: int) -> Start:
-    """Rank 0 inspects the (shared) run directory and decides; every rank gets the same decision or
-    raises the same error, so no rank goes on into a collective alone."""
+def decide_start_on_every_rank(cfg, rank: int, lock: RunLock | None = None) -> Start:
+    """Rank 0 inspects the (shared) run directory, takes its ``lock`` (one run per directory) and
+    decides; every rank gets the same decision or raises the same error, so no rank goes on into a
+    collective alone."""
     import torch.distributed as dist
 
-    from heft.launcher.launch.reporting import REPORT_DIR_VAR
+    from heft.launcher.launch.reporting import REPORT_DIR_VAR, UserError
 
     verdict: list = [None]
     if rank == 0:
-        # Under `heft train` the launching process already printed any skipped-checkpoint warning.
-        warn = (lambda line: None) if os.environ.get(REPORT_DIR_VAR) else print
+        # Under `heft train` the launching process already verified the checkpoint it starts from
+        # (contents too) and printed any skipped-checkpoint warning; started otherwise, this rank does.
+        launched = bool(os.environ.get(REPORT_DIR_VAR))
+        warn = (lambda line: None) if launched else print
         try:
             check_writable(cfg.train.run_dir)
-            verdict[0] = decide_start(cfg, warn=warn)
-        except RunDirError as exc:
+            if lock is not None:
+                lock.acquire(warn=print)
+            verdict[0] = decide_start(cfg, warn=warn, trusted=os.environ.get(VERIFIED_START_VAR) if launched else None)
+        except UserError as exc:
             verdict[0] = str(exc)
         except Exception as exc:  # whatever it is, the other ranks must hear of it, not wait
             verdict[0] = f"inspecting {cfg.train.run_dir} failed: {type(exc).__name__}: {exc}"
     dist.broadcast_object_list(verdict, src=0)
     if isinstance(verdict[0], str):
+        if lock is not None:
+            lock.release()
         raise RunDirError(verdict[0])
     return verdict[0]
 

@@ -47,6 +47,31 @@ def listen() -> None:
         signal.signal(sig, _record)
 
 
+def stop_when_orphaned(poll_s: float = 1.0, grace_s: float = 120.0) -> None:
+    """A worker whose launcher is gone (``kill -9`` of ``heft train``, of torchrun, of srun's step)
+    would train on alone, writing into a run directory a rerun then shares. From now on a thread
+    checks the parent process every ``poll_s``: once it changes, the run is asked to save and stop
+    as SIGTERM asks (every rank agrees at the next step boundary; the other nodes' workers too),
+    and the process ends regardless ``grace_s`` later."""
+    import os
+    import sys
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"heft: [rank {os.environ.get('RANK', '?')}] the process that launched this worker "
+              f"({parent}) is gone; saving and stopping", file=sys.stderr, flush=True)
+        _record(signal.SIGTERM, None)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="heft-launcher-watch", daemon=True).start()
+
+
 def hold_stop_signals() -> list:
     """In the launching ``heft train``, until the workers start: a stop signal (SIGUSR1/SIGTERM:
     preemption, the time limit) is remembered rather than fatal; the returned list holds it.

@@ -75,10 +75,19 @@ def check_hf_init(cfg: HeftConfig, manifest: dict) -> None:
 def check_before_launch(cfg: HeftConfig) -> str | None:
     """Everything that needs the data and the run directory but no process (the config itself is
     validated by the caller, for its own world size). Returns the line to print instead of
-    launching when the run directory's checkpoint already reached train.steps."""
-    from heft.launcher.checkpoint.start import already_finished, check_writable, decide_start
+    launching when the run directory's checkpoint already reached train.steps. The checkpoint the
+    run will start from, verified here with its contents, is handed to the workers the launch
+    starts (VERIFIED_START_VAR), which then need not read it all again."""
+    import os
+
+    from heft.launcher.checkpoint.start import VERIFIED_START_VAR, already_finished, check_writable, decide_start
+
+    from heft.launcher.launch.run_lock import check_free
 
     checked = check_data(cfg)
     check_hf_init(cfg, checked.manifest)
     check_writable(cfg.train.run_dir)
-    return already_finished(cfg, decide_start(cfg, warn=lambda line: print(line, file=sys.stderr)))
+    check_free(cfg.train.run_dir)  # another run in this directory: refused before it is touched
+    start = decide_start(cfg, warn=lambda line: print(line, file=sys.stderr))
+    os.environ[VERIFIED_START_VAR] = start.checkpoint or ""
+    return already_finished(cfg, start)

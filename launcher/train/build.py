@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from heft.data.mixer import DomainMixer
     from heft.launcher.checkpoint.start import Start
+    from heft.launcher.launch.run_lock import RunLock
     from heft.launcher.train.checkpointing import Progress
     from heft.launcher.train.evaluator import Evaluator
     from heft.model.build import Backends
@@ -59,6 +60,8 @@ class Trainer:
     """Where the run started: fresh, or a checkpoint."""
     progress: Progress
     """The step reached and the skip counters, saved with every checkpoint."""
+    run_lock: RunLock | None = None
+    """RUN_DIR/heft.lock, held by global rank 0 until the run ends."""
 
     def step(self, step: int) -> StepResult:
         result = train_step(self.forward_backward, self.chunks, self.optimizer, self.scheduler,
@@ -67,6 +70,13 @@ class Trainer:
         if not result.report.nonfinite_samples:  # online mixture controllers learn from the step
             self.batches.observe(step, result.report.domain_counts, result.report.domain_loss_sums)
         return result
+
+    def release(self) -> None:
+        """Close the data (streaming's shared memory) and let go of the run directory."""
+        if self.batches is not None:
+            self.batches.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 def start_processes(cfg: HeftConfig) -> Layout:
@@ -144,6 +154,7 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
 
     from heft.data.loader import validation_batches
     from heft.launcher.checkpoint.start import decide_start_on_every_rank
+    from heft.launcher.launch.run_lock import RunLock
     from heft.launcher.preflight.checks import check_backends, check_data
     from heft.launcher.train import checkpointing
     from heft.launcher.train.evaluator import Evaluator
@@ -156,7 +167,8 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     backends = Backends.detect()
     check_backends(cfg, backends)
     layout = start_processes(cfg)
-    start = decide_start_on_every_rank(cfg, layout.rank)
+    run_lock = RunLock(cfg.train.run_dir) if layout.rank == 0 else None  # one run per directory
+    start = decide_start_on_every_rank(cfg, layout.rank, run_lock)
     data = check_data(cfg)  # again (heft train checked before launch): under srun or bare torchrun nobody has
     vocab_size = data.manifest["tokenizer"]["vocab_size"]
     clean_stale_data_state(cfg)
@@ -172,7 +184,7 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     evaluator = None
     if t.eval_interval or t.eval_at_end:
         evaluator = Evaluator(
-            validation_batches(cfg.data.path, t.micro_batch_size, cfg.parallel.model_parallel_size(),
+            validation_batches(cfg.data.path, t.micro_batch_size, layout.dp_rank, layout.data_parallel,
                                t.eval_max_microbatches),
             build_loss_reduction(cfg, layout, data.domain_names, ReweightConfig(strategy="none")),
             chunks, forward_backward, t.micro_batch_size, m.seq_length,
@@ -184,7 +196,7 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
         flops_per_token=flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
                                         m.num_attention_heads, m.num_query_groups, m.seq_length,
                                         vocab_size),
-        peak_flops=peak_flops_per_device(), start=start, progress=checkpointing.Progress(),
+        peak_flops=peak_flops_per_device(), start=start, progress=checkpointing.Progress(), run_lock=run_lock,
     )
     if start.checkpoint:
         trainer.progress = checkpointing.load(trainer, Path(start.checkpoint), start.state)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from heft.launcher.config import HeftConfig
 from heft.launcher.metrics.writer import MetricsWriter
 from heft.launcher.train.console import announce, say
-from heft.launcher.train.optim import current_lr
 from heft.launcher.train.step import StepResult, device
 
 if TYPE_CHECKING:
@@ -48,6 +47,7 @@ def train(cfg: HeftConfig) -> list[dict]:
     finished = already_finished(cfg, trainer.start)
     if finished:
         say(finished)
+        trainer.release()
         shutdown()
         return []
     writer = MetricsWriter(t.run_dir, enabled=layout.rank == 0, tensorboard=t.tensorboard,
@@ -93,7 +93,7 @@ def train(cfg: HeftConfig) -> list[dict]:
         raise
     finally:
         watchdog.close()
-        trainer.batches.close()
+        trainer.release()
     writer.close()
     say(console.summary(cfg, progress.step, records, time.perf_counter() - started,
                         checkpoint=str(saver.last_saved) if saver.last_saved else None))
@@ -182,7 +182,7 @@ def step_record(trainer: Trainer, step: int, result: StepResult, throughput: Thr
         "step": step,
         "consumed_tokens": step * cfg.train.global_batch_size * cfg.model.seq_length,
         "loss": result.report.loss,
-        "lr": current_lr(trainer.optimizer),
+        "lr": result.lr,  # the LR this step used
         "grad_norm": result.grad_norm,
         "step_time_s": step_time,
         "tokens_per_s": tokens_per_s,
