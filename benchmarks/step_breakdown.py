@@ -104,7 +104,7 @@ def _split_step(trainer, step: int, clock) -> dict[str, float]:
 
     throughput = Throughput()
     throughput.add(1.0, report.tokens)
-    step_record(trainer, step, StepResult(report, grad_norm, updated), throughput, 0)
+    step_record(trainer, step, StepResult(report, grad_norm, updated, lr=float(trainer.optimizer.param_groups[0]["lr"])), throughput, 0)
     times["logging"] = clock() - start
     return times
 

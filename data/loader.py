@@ -1,11 +1,11 @@
-"""Batches, the domain weights a config asks for, and the held-out batches, through mosaicml-streaming.
+"""Batches, the domain weights a config asks for, and the held-out batches.
 
-Training batches come from ``data/mixer.py``. The validation split is read here as one streaming
-dataset: every rank of one data-parallel replica (its TP, CP and PP ranks) must see the same batch
-and different replicas disjoint samples, and streaming's ``replication=TP*CP*PP`` gives each block of
-that many *consecutive* global ranks identical samples, which is why heft orders ranks
-data-parallel-outermost (``model/parallel.py``). Streaming reads RANK / WORLD_SIZE /
-LOCAL_WORLD_SIZE from the environment torchrun (or heft's Slurm mapping) sets.
+Training batches come from ``data/mixer.py``. The validation splits are read here, domain by
+domain, straight from their shards (they are small and read once): every rank of one data-parallel
+replica (its TP, CP and PP ranks) gets the same microbatches, the replicas disjoint samples, and
+every sample is evaluated exactly once whatever the layout. A replica short of a whole microbatch
+is padded with *masked* samples (``Batch.valid``), which the loss reduction leaves out, so the
+held-out losses are the exact per-domain means under every layout.
 """
 
 from __future__ import annotations
@@ -19,26 +19,25 @@ import torch
 
 from heft.data.config import DataConfigError
 from heft.data.prepare import load_manifest
-from heft.data.shm import mark_in_use, one_job_registers_at_a_time
 
 __all__ = ["Batch", "DataConfigError", "validation_batches"]
 
 
 @dataclass
 class Batch:
-    """One replica's share of a global batch: ``tokens`` [B, S+1], ``domain`` [B], ``index`` [B]."""
+    """One replica's share of a global batch: ``tokens`` [B, S+1], ``domain`` [B], ``index`` [B];
+    ``valid`` [B] (bool) marks the real samples of a padded validation microbatch (None: all)."""
 
     tokens: torch.Tensor
     domain: torch.Tensor
     index: torch.Tensor
+    valid: torch.Tensor | None = None
 
     def microbatches(self, micro_batch_size: int) -> list["Batch"]:
-        n = self.tokens.shape[0] // micro_batch_size
-        return [
-            Batch(*(t[i * micro_batch_size:(i + 1) * micro_batch_size] for t in
-                    (self.tokens, self.domain, self.index)))
-            for i in range(n)
-        ]
+        parts = [slice(i, i + micro_batch_size)
+                 for i in range(0, self.tokens.shape[0] - micro_batch_size + 1, micro_batch_size)]
+        return [Batch(self.tokens[s], self.domain[s], self.index[s],
+                      None if self.valid is None else self.valid[s]) for s in parts]
 
 
 def domain_proportions(manifest: dict, proportions: dict[str, float] | None) -> dict[str, float]:
@@ -87,26 +86,30 @@ def check_has_validation(manifest: dict, path: str) -> None:
             f"train.eval_interval=0 train.eval_at_end=false")
 
 
-def validation_batches(path: str, micro_batch_size: int, replication: int,
+def validation_batches(path: str, micro_batch_size: int, replica: int, replicas: int,
                        max_microbatches: int | None = None) -> list[Batch]:
     """This replica's share of every domain's held-out split, in fixed order, as microbatches.
 
-    Read once and kept: validation splits are small, and every evaluation then sees the same samples.
+    Each domain's samples are dealt out in rounds of ``micro_batch_size`` per replica; the last
+    round's missing samples are masked copies, so every replica runs as many microbatches (the
+    schedule and its collectives need that) and every sample counts once. ``max_microbatches``
+    caps each domain (not the whole split) at that many microbatches per replica.
     """
-    from heft.data.streaming_lib import Stream, StreamingDataLoader, StreamingDataset
+    from heft.data.streaming_lib import LocalDataset
 
     manifest = load_manifest(path)
-    streams = [Stream(local=str(Path(path) / d["name"] / "val")) for d in manifest["domains"]
-               if d["val"]["samples"] > 0]
-    with one_job_registers_at_a_time():
-        dataset = StreamingDataset(streams=streams, shuffle=False, batch_size=micro_batch_size,
-                                   replication=replication if replication > 1 else None)
-    mark_in_use(dataset._shm_prefix_int)
-    loader = StreamingDataLoader(dataset, batch_size=micro_batch_size, collate_fn=collate,
-                                 num_workers=0, drop_last=True)
     batches = []
-    for collated in loader:
-        if max_microbatches is not None and len(batches) >= max_microbatches:
-            break
-        batches.append(Batch(**collated))
+    for domain in manifest["domains"]:
+        if not domain["val"]["samples"]:
+            continue
+        split = LocalDataset(local=str(Path(path) / domain["name"] / "val"))
+        per_round = micro_batch_size * replicas
+        rounds = -(-len(split) // per_round)
+        if max_microbatches is not None:
+            rounds = min(rounds, max_microbatches)
+        for r in range(rounds):
+            ids = [r * per_round + replica * micro_batch_size + i for i in range(micro_batch_size)]
+            real = [i < len(split) for i in ids]
+            samples = [split[i if ok else 0] for i, ok in zip(ids, real)]
+            batches.append(Batch(**collate(samples), valid=torch.tensor(real)))
     return batches

@@ -13,7 +13,8 @@ into per-split packers that write each finished sample to its MDS writer: memory
 batches in flight, not the corpus. Packing joins a split's documents, each followed by EOS, and cuts
 samples of ``seq_length + 1`` tokens; the ragged tail is dropped. Each document goes wholly to
 ``val`` or ``train`` by a stable hash of its text, so no held-out document is trained on; a
-domain whose hash draws hold out nothing gives its last document to ``val``.
+domain whose hash draws hold out nothing gives its last document to ``val``, unless an identical
+copy of it is in ``train`` (then the domain has no held-out document).
 
 Safety: the dataset is built in ``OUT.partial`` and swapped in only when complete (the manifest,
 written last and atomically, is what training looks for). An existing OUT is replaced only if it
@@ -248,12 +249,17 @@ def _serve(conn, directory: str, spec: dict) -> None:
 
 # --- packing and writing ------------------------------------------------------------------------------
 
+def document_digest(text: str) -> bytes:
+    """8 bytes of blake2b of a document's text: equal texts, equal digests."""
+    return hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
+
+
 def is_held_out(text: str, val_fraction: float) -> bool:
-    """A stable per-document draw: the same document is held out in every prepare."""
+    """A stable per-document draw: the same document is held out in every prepare (and so are all
+    its identical copies)."""
     if val_fraction <= 0:
         return False
-    digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0 ** 64 < val_fraction
+    return int.from_bytes(document_digest(text), "little") / 2.0 ** 64 < val_fraction
 
 
 class SplitWriter:
@@ -377,7 +383,11 @@ def _write(streams: dict, directory: Path, options: PrepareOptions) -> dict:
     width, dtype = options.seq_length + 1, _token_dtype(tok.vocab_size)
     workers = options.workers or os.cpu_count() or 1
     writers: dict[str, dict[str, SplitWriter]] = {}
-    held_back: dict[str, np.ndarray] = {}
+    held_back: dict[str, tuple[np.ndarray, bytes]] = {}
+    # Digests of each domain's train documents while it has no held-out one yet: the fallback below
+    # must not hold out a document whose identical copy is trained on. A domain stops keeping them
+    # at its first held-out document (after about 1/val_fraction documents), so this stays small.
+    train_digests: dict[str, set[bytes] | None] = {}
     progress = Progress(options.progress)
 
     def records():
@@ -394,22 +404,27 @@ def _write(streams: dict, directory: Path, options: PrepareOptions) -> dict:
                                    for s in ("train", "val")}
             if is_held_out(record.text, options.val_fraction):
                 writers[domain]["val"].add(ids)
+                train_digests[domain] = None
             elif options.val_fraction > 0:
                 # Each train document waits for the next one: a domain whose hash draws held out
                 # nothing gives its last document to val instead (below), so small domains still
                 # get evaluated. One document per domain in memory.
-                previous, held_back[domain] = held_back.get(domain), ids
+                previous, held_back[domain] = held_back.get(domain), (ids, document_digest(record.text))
                 if previous is not None:
-                    writers[domain]["train"].add(previous)
+                    writers[domain]["train"].add(previous[0])
+                    seen = train_digests.setdefault(domain, set())
+                    if seen is not None:
+                        seen.add(previous[1])
             else:
                 writers[domain]["train"].add(ids)
             progress.add(record.nbytes or len(record.text), len(ids) + 1)
     finally:
         tokenized.close()
         progress.close()
-    for domain, ids in held_back.items():
+    for domain, (ids, digest) in held_back.items():
         splits = writers[domain]
-        last_goes_to_val = splits["val"].documents == 0 and splits["train"].documents >= 1
+        copy_in_train = digest in (train_digests.get(domain) or ())
+        last_goes_to_val = splits["val"].documents == 0 and splits["train"].documents >= 1 and not copy_in_train
         splits["val" if last_goes_to_val else "train"].add(ids)
     if not writers:
         raise DataConfigError("the inputs hold no documents")

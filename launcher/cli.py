@@ -445,7 +445,7 @@ def _add_eval_parser(sub) -> None:
     command.add_argument("--nproc", type=int, help="processes (default: TP*PP*CP of the overrides, i.e. 1)")
     command.add_argument("--micro-batch-size", type=int, help="default: the training run's")
     command.add_argument("--max-batches", type=int,
-                         help="validation microbatches per data-parallel replica (default: all)")
+                         help="validation microbatches of each domain per data-parallel replica (default: all)")
     command.set_defaults(func=cmd_eval)
 
 

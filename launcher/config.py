@@ -118,7 +118,8 @@ class TrainConfig:
     """Evaluate the held-out loss per domain every N steps (0: only if eval_at_end)."""
     eval_at_end: bool = False
     eval_max_microbatches: int | None = None
-    """Cap on validation microbatches per replica (None: the whole val split)."""
+    """Cap on each domain's validation microbatches per data-parallel replica (None: every domain's
+    whole val split). Per domain, so a capped evaluation still covers every domain."""
     on_nonfinite_loss: str = "error"
     """A NaN/inf sample loss or gradient norm: error (stop before the update) or skip (drop the
     step, count it; still an error after max_consecutive_skips in a row)."""

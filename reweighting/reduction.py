@@ -157,7 +157,11 @@ class LossReduction:
             self._tokens += local_counts.double().sum()
         num_tokens = local_counts.sum().to(torch.int)
         if self.strategy is None:
-            self._record(sample_loss, torch.ones_like(sample_loss), domain, index)
+            # A sample without loss tokens (a masked copy padding a validation microbatch) is no
+            # sample: it is left out of the per-domain statistics, as it is of the token mean.
+            real = totals[1] > 0
+            self._record(sample_loss[real], torch.ones_like(sample_loss[real]), domain[real.to(domain.device)],
+                         index[real.to(index.device)])
             return local_sums.sum(), num_tokens, {}
         with torch.no_grad():
             weights, denominators = self._sample_weights(sample_loss, domain, index)

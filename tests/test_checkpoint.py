@@ -159,6 +159,37 @@ def test_kill_9_of_a_worker_then_the_same_command_finishes_equal(tiny_train_conf
 
 
 @pytest.mark.slow
+def test_kill_9_of_the_launcher_makes_its_workers_save_and_end_then_the_same_command_resumes(tiny_train_config, tmp_path):
+    """The workers of a SIGKILLed `heft train` trained on alone, into a directory a rerun then
+    shared (issue 22, item 2): now they save, end within seconds, and the same command resumes."""
+    import psutil
+
+    run_dir = tmp_path / "orphaned"
+    command = [HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=100000",
+               "checkpoint.interval=0", "parallel.data=2"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    wait_for_step(proc, run_dir, 2)
+    workers = [worker_with_rank(proc.pid, rank) for rank in (0, 1)]
+    proc.kill()  # the launcher, not a worker
+    killed = time.monotonic()
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    ended_after = time.monotonic() - killed
+    for worker in alive:
+        worker.kill()
+    _, err = proc.communicate(timeout=60)
+    assert not alive and ended_after < 20, (ended_after, err[-3000:])
+    assert "is gone; saving and stopping" in err, err[-3000:]
+    saved = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert saved >= 2 and not (run_dir / "heft.lock").exists()
+    again = subprocess.run([*command, f"train.stop_at_step={saved + 2}"], cwd=tmp_path, env=heft_env(),
+                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints' / f'step_{saved}'}" in again.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, saved + 3))
+
+
+@pytest.mark.slow
 def test_sigusr1_on_one_rank_saves_and_exits_75_then_resumes_equal(tiny_train_config, tmp_path):
     layout = ["parallel.data=2", "checkpoint.interval=0"]
     straight = tmp_path / "straight"
@@ -227,6 +258,29 @@ def test_a_stop_request_at_the_last_step_finishes_the_run(tiny_train_config, tmp
     assert "SIGUSR1 received at step 1, where this run ends anyway; not asking for a requeue" in out, out
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1"
 
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_a_failed_save_is_one_line_and_leaves_nothing_stale(async_save, tiny_train_config, tmp_path):
+    """A save that hit a file-size limit: a 30-line traceback, 'exited without reporting an error',
+    heft-run.json stuck at running (issue 22, item 9). Now one line, state failed, nothing left over."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, resource.RLIM_INFINITY))
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=6",
+                           "checkpoint.interval=3", "parallel.data=2", f"checkpoint.async_save={async_save}"],
+                          cwd=tmp_path, env=heft_env(), capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL, preexec_fn=small_files)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"heft: failed: saving the checkpoint of step 3 to {run_dir / 'checkpoints'}")
+    assert "file size limit (ulimit -f) 204800 bytes" in lines[0]
+    state = json.loads((run_dir / "heft-run.json").read_text())
+    assert state["state"] == "failed" and state["error"] == lines[0]
+    assert not [p.name for p in run_dir.rglob("*") if p.name.endswith((".partial", ".tmp")) or p.name == "heft.lock"]
+
+
 # --- damaged, foreign and refused checkpoints -----------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -248,6 +302,36 @@ def test_truncated_shard_falls_back_to_the_previous_checkpoint(two_checkpoints, 
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 7))
     ref = _losses(two_checkpoints)
     _assert_same_steps(_losses(run_dir), ref, range(4, 7))
+
+
+@pytest.mark.parametrize("damage", ["zeroed tensor bytes", "garbage metadata.json", "damaged common.pt"])
+def test_damaged_contents_of_the_same_size_fall_back_to_the_previous_checkpoint(damage, two_checkpoints,
+                                                                                tiny_train_config, tmp_path):
+    """Zeroing 4 KB inside a tensor file loaded silently and trained on; a garbage metadata.json or
+    common.pt ended in a traceback (issue 22, item 4). Checksums recorded at save catch the first."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    step_6 = run_dir / "checkpoints" / "step_6"
+    if damage == "zeroed tensor bytes":
+        victim = max(step_6.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        with open(victim, "r+b") as f:
+            f.seek(victim.stat().st_size // 2)
+            f.write(bytes(4096))
+        needle = "does not match the checksum recorded when it was saved"
+    elif damage == "garbage metadata.json":
+        victim = step_6 / "metadata.json"
+        victim.write_text("{not json")
+        needle = "is corrupt"
+    else:
+        victim = step_6 / "common.pt"
+        victim.write_bytes(bytes(victim.stat().st_size))
+        needle = "is damaged"
+    exported = run_heft(["export-hf", str(step_6), str(tmp_path / "hf")], check=False)
+    assert exported.returncode == 2 and needle in exported.stderr and str(victim) in exported.stderr, exported.stderr
+    proc = _train(tiny_train_config, run_dir, 6, "parallel.data=2")
+    assert f"heft: warning: skipping checkpoint {step_6}: {victim}" in proc.stderr and needle in proc.stderr, proc.stderr
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_3'}" in proc.stdout
+    _assert_same_steps(_losses(run_dir), _losses(two_checkpoints), range(4, 7))
 
 
 def test_checkpoint_of_another_model_is_refused_naming_the_difference(two_checkpoints, tiny_train_config, tmp_path):

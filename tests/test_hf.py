@@ -157,6 +157,12 @@ def test_eval_under_another_layout_reproduces_training_eval(tied_run):
     for name, entry in results["domains"].items():
         assert entry["loss"] == pytest.approx(trained[f"eval_{name}_loss"], rel=1e-5)
         assert entry["perplexity"] == pytest.approx(torch.tensor(entry["loss"]).exp().item(), rel=1e-6)
+    # Capped: every domain, each cut short, and said so (the first domain alone before; issue 22, item 5).
+    capped = run_heft(["eval", str(tied_run), "--max-batches", "1", "--micro-batch-size", "2"])
+    assert "capped at 1 microbatch(es) of each domain per replica" in capped.stdout
+    short = json.loads((tied_run / "checkpoints" / "step_2.eval-max1.json").read_text())
+    assert set(short["domains"]) == set(results["domains"])
+    assert all(entry["tokens"] == 2 * 64 for entry in short["domains"].values())
 
 
 def test_eval_and_export_refuse_what_is_not_a_checkpoint(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import read_mds_split, run_heft
-from heft.data.prepare import PrepareOptions, load_manifest, prepare, prepare_files
+from heft.data.prepare import PrepareOptions, is_held_out, load_manifest, prepare, prepare_files
 from heft.data.sources import BadRecord, ReadOptions
 from heft.data.tokenizer import load_tokenizer
 
@@ -178,6 +178,24 @@ def test_cli_prepare_refuses_a_domain_given_twice_and_names_files_it_did_not_rea
     done = run_heft(["prepare", "--domain", f"web={src}", "--out", str(tmp_path / "out"), "--seq-length", "16"])
     assert f"did not read 1 file(s) of other types in the input directories: {src / 'notes.pdf'}" in done.stdout
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["unsupported_files"] == [str(src / "notes.pdf")]
+
+
+def test_no_held_out_document_has_a_copy_in_train(tmp_path):
+    """When the hash draws held out nothing, the last document went to val even with identical
+    copies in train: 50 copies, 49 train and 1 val (issue 22, item 8)."""
+    text = "the same boilerplate page, copied many times over. " * 4
+    src = tmp_path / "copies.jsonl"
+    src.write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(50)))
+    assert not is_held_out(text, 0.02)
+    run_heft(["prepare", "--domain", f"web={src}", "--out", str(tmp_path / "copies"), "--seq-length", "16"])
+    web = json.loads((tmp_path / "copies" / "manifest.json").read_text())["domains"][0]
+    assert (web["train"]["documents"], web["val"]["documents"]) == (50, 0)
+    distinct = "one page that appears only once, at the end. " * 4
+    assert not is_held_out(distinct, 0.02)
+    src.write_text(src.read_text() + json.dumps({"text": distinct}) + "\n")
+    run_heft(["prepare", "--domain", f"web={src}", "--out", str(tmp_path / "last"), "--seq-length", "16"])
+    web = json.loads((tmp_path / "last" / "manifest.json").read_text())["domains"][0]
+    assert (web["train"]["documents"], web["val"]["documents"]) == (50, 1)
 
 
 def test_cli_prepare_reports_bad_input_in_one_line(tmp_path):

@@ -26,6 +26,8 @@ import os
 import pickle
 import re
 import shutil
+import zipfile
+import zlib
 from pathlib import Path
 
 from heft.launcher.atomic import write_atomically
@@ -167,8 +169,75 @@ def read_state(path: Path) -> dict:
         raise CheckpointError(f"{state_file} is corrupt ({exc})") from None
 
 
-def verify(path: Path) -> dict:
-    """Check a checkpoint without loading tensors; returns heft's state. Raises CheckpointError."""
+CHECKSUMS_FILE = "checksums.json"
+_CHUNK = 16 << 20
+
+
+def file_checksum(path: Path) -> int:
+    """crc32 of a file's bytes (zlib: about 2.7 GB/s here, so a save's own files, still in the page
+    cache, cost little; docs/benchmarks.md has the measured save overhead)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def files_to_checksum(path: Path) -> list[str]:
+    """Every file of a checkpoint, relative and sorted, except the checksum list itself."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                  if p.is_file() and p.relative_to(path) != Path(HEFT_DIR) / CHECKSUMS_FILE)
+
+
+def write_checksums(path: Path, sums: dict[str, tuple[int, int]]) -> None:
+    """``sums``: relative file name -> (size, crc32)."""
+    write_atomically(path / HEFT_DIR / CHECKSUMS_FILE,
+                     json.dumps({"algorithm": "crc32", "files": dict(sorted(sums.items()))}, indent=0) + "\n")
+
+
+def _check_checksums(path: Path) -> None:
+    """Every file listed in heft/checksums.json has its recorded size and crc32 (checkpoints saved
+    before heft recorded checksums have none, and pass)."""
+    listed = path / HEFT_DIR / CHECKSUMS_FILE
+    if not listed.is_file():
+        return
+    try:
+        recorded = json.loads(listed.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{listed} is corrupt ({exc})") from None
+    for relative, (size, crc) in recorded.items():
+        file = path / relative
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{file} has {file.stat().st_size} bytes, {size} when it was saved")
+        if file_checksum(file) != crc:
+            raise CheckpointError(f"{file} does not match the checksum recorded when it was saved: its "
+                                  f"contents are damaged")
+
+
+def _check_structure(path: Path) -> None:
+    """megatron-core's metadata.json parses and common.pt's archive is readable."""
+    metadata = path / "metadata.json"
+    if metadata.is_file():
+        try:
+            json.loads(metadata.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{metadata} is corrupt ({exc})") from None
+    common = path / "common.pt"
+    try:
+        with zipfile.ZipFile(common) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{common} is damaged ({exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"{common} is damaged (member {bad} fails its CRC)")
+
+
+def verify(path: Path, contents: bool = True) -> dict:
+    """Check a checkpoint without loading tensors; returns heft's state. Raises CheckpointError.
+    ``contents``: also compare every file with the checksums recorded at save (a full read; the
+    launching process leaves it to the workers)."""
     state = read_state(path)
     metadata = _read_metadata(path)
     needed: dict[str, int] = {}
@@ -184,14 +253,19 @@ def verify(path: Path) -> dict:
     common = path / "common.pt"
     if not common.is_file():
         raise CheckpointError(f"{common} is missing")
+    _check_structure(path)
+    if contents:
+        _check_checksums(path)
     return state
 
 
-def newest_usable(ckpt_dir: Path, warn) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint that verifies, warning about each newer one that does not."""
+def newest_usable(ckpt_dir: Path, warn, contents: bool = True,
+                  trusted: str | None = None) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint that verifies, warning about each newer one that does not.
+    ``trusted``: a checkpoint whose contents were verified already (by the launching process)."""
     for path in reversed(complete_checkpoints(ckpt_dir)):
         try:
-            return path, verify(path)
+            return path, verify(path, contents and str(path) != trusted)
         except CheckpointError as exc:
             warn(f"heft: warning: skipping checkpoint {path}: {exc}; trying the one before")
     return None

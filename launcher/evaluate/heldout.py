@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
     from heft.data.prepare import load_manifest
     from heft.launcher.checkpoint.contents import load_weights
     from heft.launcher.config import config_from_dict
+    from heft.launcher.launch.reporting import REPORT_DIR_VAR
     from heft.launcher.preflight.checks import check_backends
     from heft.launcher.train.build import (build_loss_reduction, build_model, clean_stale_data_state,
                                            start_processes)
@@ -99,7 +101,8 @@ def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
     from heft.reweighting.config import ReweightConfig
 
     path = Path(checkpoint)
-    state = files.verify(path)
+    # `heft eval` verified the files' contents before launching; started otherwise, verify them here.
+    state = files.verify(path, contents=not os.environ.get(REPORT_DIR_VAR))
     cfg = config_from_dict(state["config"], overrides)
     cpu_compat.enable_if_no_cuda()
     backends = Backends.detect()
@@ -112,7 +115,7 @@ def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
     chunks = build_model(cfg, vocab_size, backends)
     load_weights(chunks, path, state, cfg.model, vocab_size, cfg.parallel.tensor)
     t = cfg.train
-    batches = validation_batches(cfg.data.path, t.micro_batch_size, cfg.parallel.model_parallel_size(),
+    batches = validation_batches(cfg.data.path, t.micro_batch_size, layout.dp_rank, layout.data_parallel,
                                  t.eval_max_microbatches)
     evaluator = Evaluator(batches, build_loss_reduction(cfg, layout, domains, ReweightConfig(strategy="none")),
                           chunks, get_forward_backward_func(), t.micro_batch_size, cfg.model.seq_length)
@@ -160,7 +163,7 @@ def _results(path: Path, state: dict, cfg, layout, metrics: dict, report, domain
         "layout": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline,
                    "data": layout.data_parallel, "world_size": layout.world_size},
         "micro_batch_size": cfg.train.micro_batch_size,
-        "max_microbatches_per_replica": cfg.train.eval_max_microbatches,
+        "max_microbatches_per_domain_per_replica": cfg.train.eval_max_microbatches,
         "overall": {"loss": metrics["eval_loss"], "perplexity": math.exp(metrics["eval_loss"]),
                     "tokens": sum(d["tokens"] for d in per_domain.values())},
         "domains": per_domain,
@@ -170,7 +173,9 @@ def _results(path: Path, state: dict, cfg, layout, metrics: dict, report, domain
 def table(results: dict) -> str:
     rows = [*results["domains"].items(), ("overall (token-weighted)", results["overall"])]
     width = max(len(name) for name, _ in rows)
-    lines = [f"heft eval: {results['checkpoint']} (step {results['step']}) on {results['data']}",
+    cap = results["max_microbatches_per_domain_per_replica"]
+    capped = f"; capped at {cap} microbatch(es) of each domain per replica" if cap else ""
+    lines = [f"heft eval: {results['checkpoint']} (step {results['step']}) on {results['data']}{capped}",
              f"{'domain':<{width}}  {'tokens':>10}  {'loss':>8}  {'perplexity':>10}"]
     lines += [f"{name:<{width}}  {r['tokens']:>10,}  {r['loss']:>8.4f}  {r['perplexity']:>10.3f}" for name, r in rows]
     return "\n".join(lines)

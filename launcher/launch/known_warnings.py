@@ -51,6 +51,14 @@ KNOWN_HARMLESS_LOGGERS = [
 ]
 
 
+# (logger, why): loggers whose *errors* repeat what heft reports itself, in one line, with more context.
+REPORTED_BY_HEFT_LOGGERS = [
+    ("megatron.core.dist_checkpointing.strategies.filesystem_async",
+     "a failed checkpoint write ('Local process 0 encountered an error'), which the worker reports as "
+     "one line naming the checkpoint, the cause, the free space and the file size limit"),
+]
+
+
 # (PYTHONWARNINGS entry, why): for helper processes the workers start, which run none of heft's code
 # and so take their filters from the environment.
 KNOWN_HARMLESS_CHILD_WARNINGS = [
@@ -83,3 +91,5 @@ def filter_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
     for name, _why in KNOWN_HARMLESS_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, _why in REPORTED_BY_HEFT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)

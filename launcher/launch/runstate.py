@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,13 @@ def read(run_dir: str | Path) -> dict | None:
 
 
 def _write(run_dir: str | Path, record: dict) -> None:
-    write_atomically(path_in(run_dir), json.dumps(record, indent=1) + "\n")
+    """Best effort: a full disk or a file-size limit must not turn the run's outcome into a
+    traceback; ``heft status`` then says the launcher left no word."""
+    try:
+        write_atomically(path_in(run_dir), json.dumps(record, indent=1) + "\n")
+    except OSError as exc:
+        print(f"heft: warning: could not write {path_in(run_dir)} ({exc.strerror or exc}); `heft status` "
+              f"will not know this run's state", file=sys.stderr, flush=True)
 
 
 class RunStateFile:

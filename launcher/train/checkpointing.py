@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +15,15 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from heft.launcher.atomic import write_atomically
 from heft.launcher.checkpoint import files
 from heft.launcher.checkpoint.contents import (FORMAT, SHARDING_METADATA, check_same_tokenizer, copy_tokenizer,
                                                model_differences, model_signature, without_extra_state)
 from heft.launcher.checkpoint.files import CheckpointError
-from heft.launcher.config import adam_impl
-from heft.launcher.train.optim import settle_adam_state
+from heft.launcher.config import adam_impl, config_from_dict
+from heft.launcher.train.optim import schedule_change, settle_adam_state
 
 if TYPE_CHECKING:
     from heft.launcher.train.build import Trainer
@@ -34,6 +36,46 @@ class Progress:
     step: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
+
+
+class CheckpointSaveFailed(RuntimeError):
+    """Writing a checkpoint failed (a full disk, a file-size limit, permissions). The previous
+    checkpoint stays the newest complete one."""
+
+
+def save_failed(step: int | None, partial: Path, detail: str) -> CheckpointSaveFailed:
+    import resource
+
+    notes = []
+    try:
+        notes.append(f"{shutil.disk_usage(partial.parent).free / 2**30:.1f} GiB free there")
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        notes.append(f"file size limit (ulimit -f) {limit} bytes")
+    return CheckpointSaveFailed(
+        f"saving the checkpoint of step {step} to {partial} failed: {detail}"
+        + (f" ({'; '.join(notes)})" if notes else "")
+        + "; the previous checkpoint is still the newest complete one: free space or raise the limit, "
+          "then run the same command to resume from it")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+
+def _agreed_detail(exc) -> str:
+    """Collective: the failure torch.distributed.checkpoint reported, the same text on every rank
+    (only the ranks that failed know why; each rank raises the exception alike, so gathering is safe)."""
+    failures = getattr(exc, "failures", {}) or {}
+    # Each failure is the exception, or (exception, its traceback frames).
+    mine = "; ".join(f"rank {rank}: {_first_line(failure[0] if isinstance(failure, tuple) else failure)}"
+                     for rank, failure in sorted(failures.items()))
+    details: list = [None] * dist.get_world_size()
+    dist.all_gather_object(details, mine)
+    return "; ".join(sorted({d for d in details if d})) or "a rank's write failed"
 
 
 @contextlib.contextmanager
@@ -143,16 +185,27 @@ class Saver:
         dist.barrier()
         reduction_state = trainer.reduction.state_dict()  # collective
         finish_weight_gather(trainer.chunks)  # collective: the weights the last step updated
-        request = dist_checkpointing.save(_sharded_state(trainer, is_loading=False), str(partial),
-                                          validate_access_integrity=True,
-                                          async_sharded_save=self.queue is not None)
-        self._write_heft_files(partial, progress, reduction_state)
+        try:
+            request = dist_checkpointing.save(_sharded_state(trainer, is_loading=False), str(partial),
+                                              validate_access_integrity=True,
+                                              async_sharded_save=self.queue is not None)
+        except CheckpointException as exc:  # raised on every rank alike; a BaseException, not an Exception
+            detail = _agreed_detail(exc)  # collective: every rank is done with the partial checkpoint
+            if rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise save_failed(step, partial, detail) from None
+        try:
+            self._write_heft_files(partial, progress, reduction_state)
+        except (OSError, RuntimeError) as exc:  # torch.save's archive writer raises RuntimeError
+            raise save_failed(step, partial, _first_line(exc)) from None
         if self.queue is not None:
             # megatron-core runs finalize functions on every rank once all ranks' writes are done.
-            request = request._replace(finalize_fns=[*request.finalize_fns, self._commit_on_rank0(step)])
+            request = request._replace(finalize_fns=[*request.finalize_fns, lambda: self._record_checksums(partial),
+                                                     self._commit_on_rank0(step)])
             self.queue.schedule_async_request(request)
         else:
             dist.barrier()  # every rank's files are written
+            self._record_checksums(partial)
             self._commit_on_rank0(step)()
             dist.barrier()  # nobody goes on (or exits) before the checkpoint is complete
         self.last_saved = self.ckpt_dir / files.name(step)
@@ -161,12 +214,35 @@ class Saver:
     def poll(self) -> None:
         """Complete a finished asynchronous save (collective; nothing to do when saving in the foreground)."""
         if self.queue is not None:
-            self.queue.maybe_finalize_async_calls(blocking=False)
+            self._finalize(blocking=False)
 
     def finish(self) -> None:
         """Wait for an asynchronous save in flight and complete it (collective)."""
         if self.queue is not None:
-            self.queue.maybe_finalize_async_calls(blocking=True)
+            self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> None:
+        try:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except CheckpointException as exc:
+            step = files.step_of(self.last_saved) if self.last_saved else None
+            partial = files.partial_dir(self.ckpt_dir, step) if step else self.ckpt_dir
+            detail = _agreed_detail(exc)  # collective: every rank is done with the partial checkpoint
+            if step and self.trainer.layout.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise save_failed(step, partial, detail) from None
+
+    def _record_checksums(self, partial: Path) -> None:
+        """Collective: every file's size and crc32 into heft/checksums.json, each rank hashing a
+        share of the files (just written, so mostly from the page cache); loading compares them."""
+        rank, world = self.trainer.layout.rank, self.trainer.layout.world_size
+        names = files.files_to_checksum(partial)
+        mine = {name: ((partial / name).stat().st_size, files.file_checksum(partial / name))
+                for name in names[rank::world]}
+        shares: list = [None] * world
+        dist.all_gather_object(shares, mine)
+        if rank == 0:
+            files.write_checksums(partial, {k: v for share in shares for k, v in share.items()})
 
     def _commit_on_rank0(self, step: int):
         def commit() -> None:
@@ -253,6 +329,9 @@ def load(trainer: Trainer, path: Path, state: dict) -> Progress:
         trainer.optimizer.load_state_dict(optimizer_state)
     settle_adam_state(trainer.optimizer, adam_impl(trainer.cfg.optim))  # the load replaced the groups
     trainer.scheduler.load_state_dict(state["scheduler"])
+    changed = schedule_change(config_from_dict(state["config"]), trainer.cfg, state["step"] + 1)
+    if changed and trainer.layout.rank == 0:
+        print(changed, flush=True)
     trainer.reduction.load_state_dict(state["reduction"])
     rng_file = path / files.HEFT_DIR / f"rng_{trainer.layout.rank}.pt"
     if state["layout"] == _layout_signature(trainer) and rng_file.is_file():

@@ -17,7 +17,6 @@ from heft.launcher.config import HeftConfig, adam_impl
 
 def build_optimizer(cfg: HeftConfig, chunks, bf16: bool):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = cfg.optim
     optimizer = get_megatron_optimizer(
@@ -38,30 +37,70 @@ def build_optimizer(cfg: HeftConfig, chunks, bf16: bool):
         chunks,
     )
     settle_adam_state(optimizer, adam_impl(cfg.optim))
-    decay = o.decay_steps if o.decay_steps is not None else max(cfg.train.steps - o.warmup_steps, 1)
-    scheduler = OptimizerParamScheduler(
+    return optimizer, build_scheduler(cfg, optimizer)
+
+
+def decay_steps(cfg: HeftConfig) -> int:
+    """Steps of cosine decay after warm-up: optim.decay_steps, or until train.steps."""
+    o = cfg.optim
+    return o.decay_steps if o.decay_steps is not None else max(cfg.train.steps - o.warmup_steps, 1)
+
+
+def build_scheduler(cfg: HeftConfig, optimizer):
+    """megatron-core's scheduler: linear warm-up from 0 (the first step runs at LR 0, as in
+    Megatron-LM), then cosine decay to optim.min_lr over decay_steps(cfg), then min_lr."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if o.warmup_steps else o.lr,
         max_lr=o.lr,
         min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_steps,
-        lr_decay_steps=o.warmup_steps + decay,
+        lr_decay_steps=o.warmup_steps + decay_steps(cfg),
         lr_decay_style="cosine",
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
         wd_incr_steps=cfg.train.steps,
         wd_incr_style="constant",
         # On resume the schedule is this run's config (optim.*, train.steps) at the checkpoint's
-        # step: extending train.steps stretches the decay. megatron-core's default would keep the
-        # checkpoint's schedule and silently ignore the new config.
+        # step: extending train.steps stretches the decay (the resume says so, see
+        # schedule_change). megatron-core's default would keep the checkpoint's schedule and
+        # silently ignore the new config.
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,
     )
-    return optimizer, scheduler
 
 
-def current_lr(optimizer) -> float:
-    return float(optimizer.param_groups[0]["lr"])
+def lr_at(cfg: HeftConfig, step: int) -> float:
+    """The LR the schedule of ``cfg`` gives training step ``step`` (1-based), without a model."""
+    from types import SimpleNamespace
+
+    holder = SimpleNamespace(param_groups=[{}])
+    scheduler = build_scheduler(cfg, holder)
+    scheduler.step(increment=step - 1)
+    return float(holder.param_groups[0]["lr"])
+
+
+def schedule_change(saved: HeftConfig, now: HeftConfig, step: int) -> str | None:
+    """A line for a resume whose LR schedule differs from the checkpoint's at ``step`` (the first
+    step it trains), or None."""
+    import math
+
+    before, after = lr_at(saved, step), lr_at(now, step)
+    if math.isclose(before, after, rel_tol=1e-9, abs_tol=1e-15):
+        return None
+    what = [f"{key} {a} -> {b}" for key, a, b in (
+        ("train.steps", saved.train.steps, now.train.steps), ("optim.lr", saved.optim.lr, now.optim.lr),
+        ("optim.min_lr", saved.optim.min_lr, now.optim.min_lr),
+        ("optim.warmup_steps", saved.optim.warmup_steps, now.optim.warmup_steps),
+        ("optim.decay_steps", saved.optim.decay_steps, now.optim.decay_steps)) if a != b]
+    return (f"heft: the LR schedule differs from the checkpoint's ({', '.join(what)}): step {step} runs at "
+            f"lr {after:.3e}, where the checkpoint's schedule had {before:.3e}. To extend the run on "
+            f"the checkpoint's decay instead, set optim.decay_steps={decay_steps(saved)}")
+
+
 
 
 def torch_adams(optimizer) -> list[torch.optim.Adam]:

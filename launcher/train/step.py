@@ -25,6 +25,8 @@ class StepResult:
     updated: bool
     """False when the optimizer did not update (megatron-core found inf/NaN grads, or the step was
     skipped for a non-finite loss)."""
+    lr: float = math.nan
+    """The learning rate this step ran at (the scheduler moves on to the next step's after it)."""
 
 
 def device() -> torch.device:
@@ -41,6 +43,8 @@ def make_forward_step(reduction: LossReduction):
         # With labels, GPTModel returns the per-token cross-entropy [b, s] on the last stage.
         output = model(tokens, position_ids, None, labels=labels)
         loss_mask = torch.ones_like(labels, dtype=torch.float32)
+        if micro.valid is not None:  # a padded validation microbatch: its copies count for nothing
+            loss_mask *= micro.valid.to(dev, dtype=torch.float32).unsqueeze(1)
         return output, partial(reduction.loss_func, loss_mask, micro.domain, micro.index)
     return forward_step
 
@@ -62,6 +66,7 @@ def run_schedule(forward_backward, chunks, reduction: LossReduction, microbatche
 
 def train_step(forward_backward, chunks, optimizer, scheduler, reduction: LossReduction, step: int,
                batch: Batch, micro_batch_size: int, seq_length: int) -> StepResult:
+    lr = float(optimizer.param_groups[0]["lr"])
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -72,11 +77,11 @@ def train_step(forward_backward, chunks, optimizer, scheduler, reduction: LossRe
     # update, so the non-finite policy is applied consistently everywhere.
     report = reduction.finish_step()
     if report.nonfinite_samples:
-        return StepResult(report=report, grad_norm=math.nan, updated=False)
+        return StepResult(report=report, grad_norm=math.nan, updated=False, lr=lr)
     updated, grad_norm = apply_update(optimizer)
     if updated:
         scheduler.step(increment=1)
-    return StepResult(report=report, grad_norm=grad_norm, updated=updated)
+    return StepResult(report=report, grad_norm=grad_norm, updated=updated, lr=lr)
 
 
 def apply_update(optimizer) -> tuple[bool, float]:
