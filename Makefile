@@ -6,7 +6,7 @@ HEFT := $(VENV)/bin/heft
 STAMP := $(VENV)/.heft-installed
 DEMO_DATA ?= demo_data
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(DEMO_DATA)/manifest.json
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The inner loop (under 5 minutes): unit tests and one real two-rank `heft train`. `make test` runs all.
+test-quick: $(STAMP)
+	$(PY) -m pytest tests -m quick $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(DEMO_DATA) runs

@@ -40,7 +40,7 @@ MARK='# written by heft slurm/cluster.sh'
 HOSTS_LINE="127.0.0.1 ${NODES[*]}  $MARK"
 ETC_CONF=/etc/slurm/slurm.conf
 MUNGE_SOCKET=/run/munge/munge.socket.2
-UP_TIMEOUT=60
+UP_TIMEOUT=90
 # Our own tools always use our config, whatever /etc/slurm/slurm.conf says.
 export SLURM_CONF=$CONF
 
@@ -275,7 +275,7 @@ start_munge() {
         (cd / && exec setsid munged "${args[@]}") </dev/null >>"$STATE/log/munged.out" 2>&1 9>&- &
     fi
     record munged $!
-    for _ in $(seq 50); do
+    for _ in $(seq 150); do   # 30 s: slow under load
         munge_ok && return 0
         alive "$!" munged || break
         sleep 0.2
@@ -433,6 +433,22 @@ cmd_up() {
     cancel_jobs
     stop_daemons
     mv -f "$STATE/slurm.conf.new" "$CONF"
+    # A start can fail under load (a daemon slow to answer its first request); each attempt runs in
+    # a subshell, whose `fail` stops only it, and what it started is stopped before the next one or
+    # before giving up: a failed `up` leaves no daemon behind.
+    local attempt
+    for attempt in 1 2 3; do
+        if (start_cluster "$t0"); then return 0; fi
+        stop_daemons
+        ((attempt < 3)) && warn "start attempt $attempt failed (above); starting again"
+    done
+    remove_hosts
+    remove_etc_conf
+    exit 1
+}
+
+start_cluster() {  # $1: when `up` began; run in a subshell (fail exits it)
+    local t0=$1
     # A fresh cluster each time: no jobs or node states (DRAIN etc.) carried over from a previous
     # run, logs only of this run.
     rm -rf "$STATE/state" "$STATE/spool" "$STATE/run"

@@ -31,6 +31,50 @@ def _raise_open_file_limit() -> None:
 _raise_open_file_limit()
 
 
+# --- counting the processes each test starts (docs/testing.md) --------------------------------------
+
+COUNT_VAR = "HEFT_TEST_PROCESS_COUNTS"
+"""When set to a file path, every process a test starts is classified and counted per test file, and
+the counts are written there as JSON at the end of the session (tests/timing_table.py reads them)."""
+
+
+def process_kind(argv) -> str | None:
+    """What a command line a test starts is: 'torchrun' (a heft train/eval, or torchrun itself, which
+    starts the workers), 'slurm' (a job submitted), 'heft' (another heft command), or None."""
+    args = [str(a) for a in (argv if isinstance(argv, (list, tuple)) else [argv])]
+    text = " ".join(args)
+    heft = "heft.launcher.cli" in text or (args and args[0].endswith("/heft"))
+    if "torch.distributed.run" in text or (heft and any(a in ("train", "eval") for a in args)):
+        return "torchrun"
+    if (args and Path(args[0]).name == "sbatch") or (heft and "submit" in args and "--dry-run" not in args):
+        return "slurm"
+    return "heft" if heft else None
+
+
+def _start_counting(path: str) -> None:
+    import atexit
+    import collections
+    import traceback
+
+    counts: dict = collections.defaultdict(collections.Counter)
+    original = subprocess.Popen.__init__
+
+    def counting_init(self, args, *rest, **kwargs):
+        kind = process_kind(args)
+        if kind:
+            test_file = next((f.filename for f in reversed(traceback.extract_stack())
+                              if Path(f.filename).name.startswith("test_")), "other")
+            counts[Path(test_file).name][kind] += 1
+        original(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = counting_init
+    atexit.register(lambda: Path(path).write_text(json.dumps(counts, indent=1, sort_keys=True)))
+
+
+if os.environ.get(COUNT_VAR):
+    _start_counting(os.environ[COUNT_VAR])
+
+
 # A child `heft` must decide for itself whether it is a worker: never inherit these.
 _DISTRIBUTED_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                      "MASTER_PORT", "TORCHELASTIC_RUN_ID", "GROUP_RANK")
@@ -218,3 +262,22 @@ def heft_wheel(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--disable-pip-version-check", "-w", str(dist), str(source)], check=True, capture_output=True)
     return next(dist.glob("heft-*.whl"))
+
+
+# --- tiers -------------------------------------------------------------------------------------------
+
+QUICK_FILES = {"test_config.py", "test_prepare.py", "test_layering.py", "test_optim.py", "test_model.py",
+               "test_plan.py", "test_environment.py", "test_out_of_memory.py", "test_reweighting_unit.py",
+               "test_reweighting_gradient.py"}
+"""`make test-quick`: files whose tests run in the pytest process or start a process briefly."""
+QUICK_END_TO_END = "test_first_hour.py::test_trains_from_a_directory_with_data_model_launcher_modules"
+"""...and one real `heft train` (two ranks over torchrun and gloo, two steps)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the quick tier (`pytest -m quick`); `make test` still runs everything."""
+    for item in items:
+        name = Path(str(item.fspath)).name
+        in_quick_file = name in QUICK_FILES and not item.get_closest_marker("slow")
+        if in_quick_file or item.nodeid.endswith(QUICK_END_TO_END):
+            item.add_marker(pytest.mark.quick)
