@@ -76,7 +76,7 @@ def cmd_train(args) -> int:
     from heft.model.build import Backends
 
     check_backends(cfg, Backends.detect())
-    finished = check_before_launch(cfg)
+    finished = check_before_launch(cfg, verify_contents=not args.node_rank)  # node 0 reads contents once
     if finished:
         print(finished)
         return 0

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from heft.launcher.train.checkpointing import CheckpointSaveFailed
     from heft.launcher.train.loop import CollectiveFailure, NonFiniteLossError, StopForRequeue, train
     from heft.launcher.train.out_of_memory import OutOfMemory
+    from torch.distributed.checkpoint.api import CheckpointException
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, CollectiveFailure, OutOfMemory, CheckpointSaveFailed) as exc:
         status = reporting.EXIT_FAILED
         reporting.report(status, str(exc))
-    except Exception as exc:  # a bug or an upstream failure: keep the traceback, once
-        status = reporting.EXIT_FAILED
+    except (Exception, CheckpointException) as exc:  # a bug or an upstream failure: keep the traceback, once
+        status = reporting.EXIT_FAILED  # (torch's CheckpointException is a BaseException)
         reporting.report_exception(exc)
     reporting.record_exit(status)
     sys.stdout.flush()

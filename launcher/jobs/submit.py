@@ -195,7 +195,7 @@ def check_member(config: str, overrides: list[str], options: SubmitOptions) -> M
     validate(cfg, world_size=procs_per_node(options, cfg) * options.nodes)
     check_path_for_script("train.run_dir", Path(cfg.train.run_dir).resolve())  # before the checks create it
     refuse_if_job_active(Path(cfg.train.run_dir))
-    finished = check_before_launch(cfg)
+    finished = check_before_launch(cfg, verify_contents=False)  # the job's launcher reads the contents
     if finished:
         raise SubmitError(finished.removeprefix("heft: "))
     return Member(overrides=list(overrides), run_dir=Path(cfg.train.run_dir).resolve(),

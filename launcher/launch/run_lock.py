@@ -4,7 +4,7 @@ Two runs training into one directory would interleave their checkpoints and metr
 lock file names its holder (host, pid, Slurm job, when it started) and is touched every
 ``HEARTBEAT_S`` seconds while held. A lock is stale, and is taken over with a note, when
 * its holder ran on this host and that process is gone (a kill -9, a crash), or
-* it belongs to this Slurm job (a requeued job starting again, perhaps on other nodes), or
+* it belongs to an earlier run of this Slurm job (a requeue, perhaps on other nodes), or
 * it has not been touched for ``STALE_AFTER_S`` (its host died or is unreachable).
 Otherwise a second run is refused in one line naming the holder. ``heft train`` and ``heft submit``
 check before launching; rank 0 takes the lock (atomically: O_EXCL) when the workers start.
@@ -36,7 +36,7 @@ def path_in(run_dir: str | Path) -> Path:
 
 def _holder_record() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "started": time.time()}
+            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "started": time.time()}
 
 
 def _read(path: Path) -> dict | None:
@@ -63,8 +63,8 @@ def stale_reason(path: Path, holder: dict | None) -> str | None:
     if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
         return f"its process {holder.get('pid')} on this host is gone"
     job = os.environ.get("SLURM_JOB_ID")
-    if job and holder.get("slurm_job_id") == job:
-        return f"it belongs to this Slurm job ({job}), started again"
+    if job and holder.get("slurm_job_id") == job and holder.get("slurm_restart") != os.environ.get("SLURM_RESTART_COUNT", "0"):
+        return f"it belongs to an earlier run of this Slurm job ({job}), requeued"
     try:
         age = time.time() - path.stat().st_mtime
     except OSError:

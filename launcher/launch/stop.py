@@ -47,12 +47,21 @@ def listen() -> None:
         signal.signal(sig, _record)
 
 
-def stop_when_orphaned(poll_s: float = 1.0, grace_s: float = 120.0) -> None:
+_orphan_grace_s = 300.0  # until the run sets it from train.step_timeout_s
+
+
+def orphan_grace(seconds: float) -> None:
+    """How long a worker that lost its launcher may take to reach a step boundary and save."""
+    global _orphan_grace_s
+    _orphan_grace_s = max(seconds, 60.0)
+
+
+def stop_when_orphaned(poll_s: float = 1.0) -> None:
     """A worker whose launcher is gone (``kill -9`` of ``heft train``, of torchrun, of srun's step)
     would train on alone, writing into a run directory a rerun then shares. From now on a thread
     checks the parent process every ``poll_s``: once it changes, the run is asked to save and stop
     as SIGTERM asks (every rank agrees at the next step boundary; the other nodes' workers too),
-    and the process ends regardless ``grace_s`` later."""
+    and the process ends regardless when :func:`orphan_grace` has passed (train.step_timeout_s)."""
     import os
     import sys
     import threading
@@ -63,10 +72,13 @@ def stop_when_orphaned(poll_s: float = 1.0, grace_s: float = 120.0) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        print(f"heft: [rank {os.environ.get('RANK', '?')}] the process that launched this worker "
-              f"({parent}) is gone; saving and stopping", file=sys.stderr, flush=True)
+        try:
+            print(f"heft: [rank {os.environ.get('RANK', '?')}] the process that launched this worker "
+                  f"({parent}) is gone; saving and stopping", file=sys.stderr, flush=True)
+        except OSError:  # nobody is reading any more
+            pass
         _record(signal.SIGTERM, None)
-        time.sleep(grace_s)
+        time.sleep(_orphan_grace_s)
         os._exit(1)
 
     threading.Thread(target=watch, name="heft-launcher-watch", daemon=True).start()

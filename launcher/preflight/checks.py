@@ -72,12 +72,13 @@ def check_hf_init(cfg: HeftConfig, manifest: dict) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def check_before_launch(cfg: HeftConfig) -> str | None:
+def check_before_launch(cfg: HeftConfig, verify_contents: bool = True) -> str | None:
     """Everything that needs the data and the run directory but no process (the config itself is
     validated by the caller, for its own world size). Returns the line to print instead of
     launching when the run directory's checkpoint already reached train.steps. The checkpoint the
-    run will start from, verified here with its contents, is handed to the workers the launch
-    starts (VERIFIED_START_VAR), which then need not read it all again."""
+    run will start from, verified here with its contents (``verify_contents``: by node 0's launcher
+    only, never by `heft submit` on a login node), is handed to the workers the launch starts
+    (VERIFIED_START_VAR), which then need not read it all again."""
     import os
 
     from heft.launcher.checkpoint.start import VERIFIED_START_VAR, already_finished, check_writable, decide_start
@@ -88,6 +89,9 @@ def check_before_launch(cfg: HeftConfig) -> str | None:
     check_hf_init(cfg, checked.manifest)
     check_writable(cfg.train.run_dir)
     check_free(cfg.train.run_dir)  # another run in this directory: refused before it is touched
-    start = decide_start(cfg, warn=lambda line: print(line, file=sys.stderr))
-    os.environ[VERIFIED_START_VAR] = start.checkpoint or ""
+    start = decide_start(cfg, warn=lambda line: print(line, file=sys.stderr), contents=verify_contents)
+    if verify_contents:
+        os.environ[VERIFIED_START_VAR] = start.checkpoint or ""
+    else:
+        os.environ.pop(VERIFIED_START_VAR, None)
     return already_finished(cfg, start)

@@ -169,41 +169,46 @@ def build_trainer(cfg: HeftConfig) -> Trainer:
     layout = start_processes(cfg)
     run_lock = RunLock(cfg.train.run_dir) if layout.rank == 0 else None  # one run per directory
     start = decide_start_on_every_rank(cfg, layout.rank, run_lock)
-    data = check_data(cfg)  # again (heft train checked before launch): under srun or bare torchrun nobody has
-    vocab_size = data.manifest["tokenizer"]["vocab_size"]
-    clean_stale_data_state(cfg)
+    try:
+        data = check_data(cfg)  # again (heft train checked before launch): under srun or bare torchrun nobody has
+        vocab_size = data.manifest["tokenizer"]["vocab_size"]
+        clean_stale_data_state(cfg)
 
-    t, m = cfg.train, cfg.model
-    chunks = build_model(cfg, vocab_size, backends)
-    if cfg.checkpoint.init_hf and not start.checkpoint:
-        start_from_hf(cfg, chunks, data.manifest)
-    optimizer, scheduler = build_optimizer(cfg, chunks, resolve_dtype(t.precision, backends) == torch.bfloat16)
-    reduction = build_loss_reduction(cfg, layout, data.domain_names)
-    reduction.install(get_model_config(chunks[0]))
-    forward_backward = get_forward_backward_func()
-    evaluator = None
-    if t.eval_interval or t.eval_at_end:
-        evaluator = Evaluator(
-            validation_batches(cfg.data.path, t.micro_batch_size, layout.dp_rank, layout.data_parallel,
-                               t.eval_max_microbatches),
-            build_loss_reduction(cfg, layout, data.domain_names, ReweightConfig(strategy="none")),
-            chunks, forward_backward, t.micro_batch_size, m.seq_length,
-            interval=t.eval_interval, final_step=t.steps if t.eval_at_end else None)
-    trainer = Trainer(
-        cfg=cfg, layout=layout, domain_names=data.domain_names, vocab_size=vocab_size,
-        chunks=chunks, optimizer=optimizer, scheduler=scheduler, reduction=reduction,
-        forward_backward=forward_backward, batches=None, evaluator=evaluator,
-        flops_per_token=flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
-                                        m.num_attention_heads, m.num_query_groups, m.seq_length,
-                                        vocab_size),
-        peak_flops=peak_flops_per_device(), start=start, progress=checkpointing.Progress(), run_lock=run_lock,
-    )
-    if start.checkpoint:
-        trainer.progress = checkpointing.load(trainer, Path(start.checkpoint), start.state)
-    # Built after the checkpoint is known: streaming takes a resume state only before iterating.
-    trainer.batches = replica_batches(cfg, layout, start.state["data"] if start.state else None,
-                                      data.mixture_reference)
-    return trainer
+        t, m = cfg.train, cfg.model
+        chunks = build_model(cfg, vocab_size, backends)
+        if cfg.checkpoint.init_hf and not start.checkpoint:
+            start_from_hf(cfg, chunks, data.manifest)
+        optimizer, scheduler = build_optimizer(cfg, chunks, resolve_dtype(t.precision, backends) == torch.bfloat16)
+        reduction = build_loss_reduction(cfg, layout, data.domain_names)
+        reduction.install(get_model_config(chunks[0]))
+        forward_backward = get_forward_backward_func()
+        evaluator = None
+        if t.eval_interval or t.eval_at_end:
+            evaluator = Evaluator(
+                validation_batches(cfg.data.path, t.micro_batch_size, layout.dp_rank, layout.data_parallel,
+                                   t.eval_max_microbatches),
+                build_loss_reduction(cfg, layout, data.domain_names, ReweightConfig(strategy="none")),
+                chunks, forward_backward, t.micro_batch_size, m.seq_length,
+                interval=t.eval_interval, final_step=t.steps if t.eval_at_end else None)
+        trainer = Trainer(
+            cfg=cfg, layout=layout, domain_names=data.domain_names, vocab_size=vocab_size,
+            chunks=chunks, optimizer=optimizer, scheduler=scheduler, reduction=reduction,
+            forward_backward=forward_backward, batches=None, evaluator=evaluator,
+            flops_per_token=flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
+                                            m.num_attention_heads, m.num_query_groups, m.seq_length,
+                                            vocab_size),
+            peak_flops=peak_flops_per_device(), start=start, progress=checkpointing.Progress(), run_lock=run_lock,
+        )
+        if start.checkpoint:
+            trainer.progress = checkpointing.load(trainer, Path(start.checkpoint), start.state)
+        # Built after the checkpoint is known: streaming takes a resume state only before iterating.
+        trainer.batches = replica_batches(cfg, layout, start.state["data"] if start.state else None,
+                                          data.mixture_reference)
+        return trainer
+    except BaseException:  # whatever stops the build, the run directory is free again
+        if run_lock is not None:
+            run_lock.release()
+        raise
 
 
 def start_from_hf(cfg: HeftConfig, chunks: list[torch.nn.Module], manifest: dict) -> None:

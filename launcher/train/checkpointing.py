@@ -23,6 +23,7 @@ from heft.launcher.checkpoint.contents import (FORMAT, SHARDING_METADATA, check_
                                                model_differences, model_signature, without_extra_state)
 from heft.launcher.checkpoint.files import CheckpointError
 from heft.launcher.config import adam_impl, config_from_dict
+from heft.launcher.train.failures import is_collective_failure
 from heft.launcher.train.optim import schedule_change, settle_adam_state
 
 if TYPE_CHECKING:
@@ -194,6 +195,10 @@ class Saver:
             if rank == 0:
                 shutil.rmtree(partial, ignore_errors=True)
             raise save_failed(step, partial, detail) from None
+        except (OSError, RuntimeError) as exc:  # one rank's own write (common.pt, metadata) failed
+            if is_collective_failure(exc):
+                raise
+            raise save_failed(step, partial, _first_line(exc)) from None
         try:
             self._write_heft_files(partial, progress, reduction_state)
         except (OSError, RuntimeError) as exc:  # torch.save's archive writer raises RuntimeError
@@ -329,9 +334,8 @@ def load(trainer: Trainer, path: Path, state: dict) -> Progress:
         trainer.optimizer.load_state_dict(optimizer_state)
     settle_adam_state(trainer.optimizer, adam_impl(trainer.cfg.optim))  # the load replaced the groups
     trainer.scheduler.load_state_dict(state["scheduler"])
-    changed = schedule_change(config_from_dict(state["config"]), trainer.cfg, state["step"] + 1)
-    if changed and trainer.layout.rank == 0:
-        print(changed, flush=True)
+    if trainer.layout.rank == 0:
+        _say_if_the_schedule_changed(trainer, state)
     trainer.reduction.load_state_dict(state["reduction"])
     rng_file = path / files.HEFT_DIR / f"rng_{trainer.layout.rank}.pt"
     if state["layout"] == _layout_signature(trainer) and rng_file.is_file():
@@ -340,6 +344,19 @@ def load(trainer: Trainer, path: Path, state: dict) -> Progress:
         _reseed(trainer.cfg.train.seed, state["step"])
     return Progress(step=state["step"], skipped_steps=state["skipped_steps"],
                     consecutive_skips=state["consecutive_skips"])
+
+
+def _say_if_the_schedule_changed(trainer: Trainer, state: dict) -> None:
+    """One line when this run's LR schedule gives the next step another LR than the checkpoint's
+    did (a longer train.steps stretches the decay). A note only: a saved config that no longer
+    validates skips it."""
+    try:
+        saved = config_from_dict(state["config"])
+    except Exception:
+        return
+    line = schedule_change(saved, trainer.cfg, state["step"] + 1, trainer.scheduler.num_steps)
+    if line:
+        print(line, flush=True)
 
 
 def _drop_master_copies_not_in(request: dict, saved_keys: set[str]) -> bool:

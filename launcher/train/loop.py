@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from heft.launcher.config import HeftConfig
 from heft.launcher.metrics.writer import MetricsWriter
 from heft.launcher.train.console import announce, say
+from heft.launcher.train.failures import first_line, is_collective_failure
 from heft.launcher.train.step import StepResult, device
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def train(cfg: HeftConfig) -> list[dict]:
     """Train until ``cfg.train.steps``, from a checkpoint if the run directory has one. Returns the
     records logged by this run (identical on every rank)."""
     from heft.launcher.checkpoint.start import already_finished
-    from heft.launcher.launch.stop import StopRequests, ctrl_c_raises
+    from heft.launcher.launch.stop import StopRequests, ctrl_c_raises, orphan_grace
     from heft.launcher.train import console, out_of_memory
     from heft.launcher.train.build import build_trainer
     from heft.launcher.train.checkpointing import Saver
@@ -50,14 +51,15 @@ def train(cfg: HeftConfig) -> list[dict]:
         trainer.release()
         shutdown()
         return []
-    writer = MetricsWriter(t.run_dir, enabled=layout.rank == 0, tensorboard=t.tensorboard,
-                           resume_step=progress.step)
     stops = StopRequests(device())
+    orphan_grace(t.step_timeout_s)  # a worker that lost its launcher gets a step (and a save) to stop
     watchdog = Watchdog(layout.rank, layout.world_size, t.step_timeout_s, on_timeout=stalled)
-    saver = Saver(trainer, cfg.checkpoint.directory(t.run_dir), cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    say(console.banner(cfg, trainer, resumed_from=trainer.start.checkpoint))
     records, throughput = [], Throughput()
     try:
+        writer = MetricsWriter(t.run_dir, enabled=layout.rank == 0, tensorboard=t.tensorboard,
+                               resume_step=progress.step)
+        saver = Saver(trainer, cfg.checkpoint.directory(t.run_dir), cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        say(console.banner(cfg, trainer, resumed_from=trainer.start.checkpoint))
         for step in range(progress.step + 1, t.steps + 1):
             watchdog.begin(f"step {step}")
             step_start = time.perf_counter()
@@ -200,19 +202,6 @@ class StopForRequeue(Exception):
 
 class CollectiveFailure(RuntimeError):
     """A collective failed or timed out: another rank died or stopped responding."""
-
-
-def is_collective_failure(exc: BaseException) -> bool:
-    import torch.distributed as dist
-
-    text = str(exc).lower()
-    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and (
-        "gloo" in text or "nccl" in text or "connection closed by peer" in text))
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def stalled(message: str) -> None:

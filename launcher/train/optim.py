@@ -73,22 +73,23 @@ def build_scheduler(cfg: HeftConfig, optimizer):
     )
 
 
-def lr_at(cfg: HeftConfig, step: int) -> float:
-    """The LR the schedule of ``cfg`` gives training step ``step`` (1-based), without a model."""
+def lr_after(cfg: HeftConfig, scheduler_steps: int) -> float:
+    """The LR the schedule of ``cfg`` gives after ``scheduler_steps`` updates (the LR of the next
+    training step; skipped steps do not advance it), without a model."""
     from types import SimpleNamespace
 
     holder = SimpleNamespace(param_groups=[{}])
     scheduler = build_scheduler(cfg, holder)
-    scheduler.step(increment=step - 1)
+    scheduler.step(increment=scheduler_steps)
     return float(holder.param_groups[0]["lr"])
 
 
-def schedule_change(saved: HeftConfig, now: HeftConfig, step: int) -> str | None:
+def schedule_change(saved: HeftConfig, now: HeftConfig, step: int, scheduler_steps: int) -> str | None:
     """A line for a resume whose LR schedule differs from the checkpoint's at ``step`` (the first
-    step it trains), or None."""
+    step it trains, after ``scheduler_steps`` updates), or None."""
     import math
 
-    before, after = lr_at(saved, step), lr_at(now, step)
+    before, after = lr_after(saved, scheduler_steps), lr_after(now, scheduler_steps)
     if math.isclose(before, after, rel_tol=1e-9, abs_tol=1e-15):
         return None
     what = [f"{key} {a} -> {b}" for key, a, b in (
