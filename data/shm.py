@@ -166,7 +166,7 @@ def clean_stale_streaming_state(data_path: str | Path) -> list[str]:
         match = PREFIX.match(path.name) or MARKER.match(path.name)
         if match:
             (segments if path.name[0].isdigit() else markers).setdefault(match.group(1), []).append(path)
-    removed = []
+    removed, torn_down = [], set()
     uid = os.getuid()
     for prefix, paths in segments.items():
         users = [int(marker.name.rsplit("-", 1)[1]) for marker in markers.get(prefix, [])]
@@ -176,7 +176,12 @@ def clean_stale_streaming_state(data_path: str | Path) -> list[str]:
             local_dirs = _locals_of(prefix)
             if not local_dirs or not all(_inside(d, root) for d in local_dirs):
                 continue  # another dataset's (or unreadable): not ours to judge
-        # No locals segment (a dataset torn down midway): heft's markers, all dead, say whose it was.
+        else:
+            # No locals segment (a dataset torn down midway): heft's markers, all dead, say whose
+            # it was. Its file locks stay until a later run: the segments may still be vanishing
+            # under a dying process, and while the locks exist every rank's prefix scan skips this
+            # prefix alike (streaming's ranks scan independently and must agree).
+            torn_down.add(prefix)
         for path in paths + markers.get(prefix, []):
             if _owned_by(path, uid):
                 path.unlink(missing_ok=True)
@@ -186,7 +191,7 @@ def clean_stale_streaming_state(data_path: str | Path) -> list[str]:
             for path in paths:
                 if not _alive(int(path.name.rsplit("-", 1)[1])) and _owned_by(path, uid):
                     path.unlink(missing_ok=True)
-    live = {p for p in segments if p not in removed}
+    live = {p for p in segments if p not in removed} | torn_down
     for lock in Path(gettempdir()).glob("[0-9][0-9][0-9][0-9][0-9][0-9]_*_filelock"):
         prefix = lock.name[:6]
         if prefix not in live and lock.name[7:] in LOCK_SUFFIXES and _owned_by(lock, uid):

@@ -47,13 +47,18 @@ def _read(path: Path) -> dict | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs here: an exited process not yet reaped (a zombie) does not."""
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
         return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: kill(0) said it exists
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def stale_reason(path: Path, holder: dict | None) -> str | None:
