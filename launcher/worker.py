@@ -15,11 +15,33 @@ import threading
 
 
 def _exit_within(seconds: float, status: int) -> None:
-    """Let normal interpreter shutdown run (streaming frees its shared memory at exit), but never
-    let it hang a failed worker: a daemon timer ends the process regardless."""
+    """Let the exit hooks run (streaming frees its shared memory at exit), but never let them hang
+    a worker: a daemon timer ends the process regardless."""
     timer = threading.Timer(seconds, os._exit, args=(status,))
     timer.daemon = True
     timer.start()
+
+
+def _end_process(status: int) -> None:
+    """End a worker whose job is over, without tearing every module down.
+
+    What normal interpreter shutdown does that matters runs first, in its order: non-daemon
+    threads are joined along with threading's exit hooks (streaming registers one), then the atexit
+    hooks (streaming unlinks its shared memory there; logging flushes). What is skipped is freeing
+    each module and object of a process that imported torch and megatron-core: 0.75 s of CPU for
+    every rank of every run, after its last file was closed (profiled 2026-12-07). Where this
+    Python lacks ``threading._shutdown`` the interpreter's own shutdown runs instead."""
+    import atexit
+
+    if not callable(getattr(threading, "_shutdown", None)):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             train(load_config(argv[0], argv[1:]))
     try:
         job()
-        reporting.record_exit(reporting.EXIT_OK)
-        return reporting.EXIT_OK
+        status = reporting.EXIT_OK
     except StopForRequeue:
         status = reporting.EXIT_REQUEUE  # rank 0 said where it saved
     except KeyboardInterrupt:
@@ -77,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     reporting.record_exit(status)
     sys.stdout.flush()
     sys.stderr.flush()
-    _exit_within(10.0, status)
+    _exit_within(10.0, status)  # an exit hook that hangs cannot keep the worker
+    _end_process(status)  # the process ends here
     return status
 
 

@@ -14,9 +14,10 @@ Adding a strategy takes one function and one decorator line.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # the strategies work on the tensors they are given; importing this registry (the
+    import torch   # config check does, in `heft train` before launch) does not import torch
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def minmax_normalise(losses: torch.Tensor, lo: float, hi: float, delta: float) -
 @softmax_strategy("linupper", uses_minmax=True, upper_bound=lambda d: d)
 def linupper(h, losses, delta):
     """Down-weights low-loss (redundant) samples; the paper's preferred strategy."""
-    return torch.clamp(h + delta, max=delta)
+    return (h + delta).clamp(max=delta)
 
 
 @softmax_strategy("quadratic", uses_minmax=True, upper_bound=lambda d: 1.0)
@@ -90,7 +91,7 @@ def infobatch(losses, running_mean, keep_ratio, uniform):
     layout-independent random draw in [0, 1)."""
     below = losses < running_mean
     kept = uniform < keep_ratio
-    weights = torch.ones_like(losses)
+    weights = losses.new_ones(losses.shape)
     weights[below & kept] = 1.0 / keep_ratio
     weights[below & ~kept] = 0.0
     return weights

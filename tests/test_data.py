@@ -89,15 +89,18 @@ def test_static_proportions_hold(tmp_path, tiny_train_config):
         assert abs(domains[domain_id] / total - want) < 4 * sigma + 1e-3, (domains, total)
 
 
-def test_streaming_is_imported_without_its_text_and_vision_datasets():
-    """Their imports pull in transformers' tokenizers and generation code (1.7 s of a worker's
-    start-up); heft reads MDS with the base classes. They stay importable on request."""
+def test_streaming_is_imported_without_its_text_and_vision_datasets_or_transformers():
+    """Their imports, and streaming's data loader, pull in transformers (1.8 s of a worker's
+    start-up); heft reads MDS with the base classes. They stay importable on request, and
+    ``streaming.StreamingDataLoader`` is imported when first used."""
     from conftest import python_in_a_fresh_process
 
     script = ("import sys; from heft.data.streaming_lib import StreamingDataset; import streaming; "
               "print(sorted(m for m in ('streaming.text', 'streaming.vision', 'streaming.multimodal', "
-              "'transformers.generation.utils', 'transformers.models.auto.tokenization_auto') if m in sys.modules), "
+              "'streaming.base.dataloader', 'transformers') if m in sys.modules), "
               "hasattr(streaming, 'text')); "
-              "import streaming.text; print(streaming.text.StreamingC4.__name__)")
+              "import streaming.text; print(streaming.text.StreamingC4.__name__); "
+              "import streaming.base.dataloader as d; "
+              "print(streaming.StreamingDataLoader is d.StreamingDataLoader is streaming.base.StreamingDataLoader)")
     out = python_in_a_fresh_process(script)
-    assert out.split("\n")[:2] == ["[] False", "StreamingC4"], out
+    assert out.split("\n")[:3] == ["[] False", "StreamingC4", "True"], out

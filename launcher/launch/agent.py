@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from heft.launcher.launch import known_warnings, reporting
+from heft.launcher.launch import known_warnings, rendezvous_names, reporting
 
 WORKER_MODULE = "heft.launcher.worker"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -151,6 +151,7 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 and warn about it
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _nproc(torchrun_args)))
     _quiet_agent(verbose)
+    rendezvous_names.install()
     child_filters = known_warnings.child_process_warning_filters()
     if child_filters:
         os.environ["PYTHONWARNINGS"] = child_filters

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from heft.launcher.atomic import write_atomically
-from heft.launcher.checkpoint import files
+from heft.launcher.checkpoint import files, write_results
 from heft.launcher.checkpoint.contents import (FORMAT, SHARDING_METADATA, check_same_tokenizer, copy_tokenizer,
                                                model_differences, model_signature, without_extra_state)
 from heft.launcher.checkpoint.files import CheckpointError
@@ -187,9 +187,10 @@ class Saver:
         reduction_state = trainer.reduction.state_dict()  # collective
         finish_weight_gather(trainer.chunks)  # collective: the weights the last step updated
         try:
-            request = dist_checkpointing.save(_sharded_state(trainer, is_loading=False), str(partial),
-                                              validate_access_integrity=True,
-                                              async_sharded_save=self.queue is not None)
+            with contextlib.nullcontext() if self.queue is not None else write_results.kept_in_process():
+                request = dist_checkpointing.save(_sharded_state(trainer, is_loading=False), str(partial),
+                                                  validate_access_integrity=True,
+                                                  async_sharded_save=self.queue is not None)
         except CheckpointException as exc:  # raised on every rank alike; a BaseException, not an Exception
             detail = _agreed_detail(exc)  # collective: every rank is done with the partial checkpoint
             if rank == 0:
