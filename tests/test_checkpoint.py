@@ -127,16 +127,21 @@ def test_fused_adam_and_overlapped_weight_gather_resume_exactly(tiny_train_confi
         assert torch.equal(saved[key], reference[key]), key
 
 
+@pytest.fixture(scope="module")
+def dp2_straight(tiny_train_config, tmp_path_factory):
+    """The uninterrupted reference of the fault tests: 40 steps under DP2, saved at the end only."""
+    run_dir = tmp_path_factory.mktemp("dp2-straight") / "run"
+    _train(tiny_train_config, run_dir, 40, "parallel.data=2", "checkpoint.interval=0")
+    return run_dir
+
+
 @pytest.mark.slow
-def test_kill_9_of_a_worker_then_the_same_command_finishes_equal(tiny_train_config, tmp_path):
+def test_kill_9_of_a_worker_then_the_same_command_finishes_equal(tiny_train_config, tmp_path, dp2_straight):
     # Asynchronous saves: the kill may land while a background process is still writing.
     layout = ["parallel.data=2", "checkpoint.async_save=true"]
-    straight = tmp_path / "straight"
-    _train(tiny_train_config, straight, 12, *layout)
     run_dir = tmp_path / "killed"
-    command = [HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=12",
+    command = [HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=40",
                "checkpoint.interval=3", *REWEIGHT, *layout]
-    assert not list((straight / "checkpoints").glob("*.partial"))
     proc = subprocess.Popen(command, cwd=tmp_path, env=heft_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     kill_at = random.Random().randint(4, 9)
@@ -154,8 +159,9 @@ def test_kill_9_of_a_worker_then_the_same_command_finishes_equal(tiny_train_conf
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == list(range(1, 13)), f"killed at step {kill_at}"
-    _assert_same_steps(_losses(run_dir), _losses(straight), range(1, 13))
+    assert [r["step"] for r in records] == list(range(1, 41)), f"killed at step {kill_at}"
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
+    _assert_same_steps(_losses(run_dir), _losses(dp2_straight), range(1, 41))
 
 
 @pytest.mark.slow
@@ -190,10 +196,8 @@ def test_kill_9_of_the_launcher_makes_its_workers_save_and_end_then_the_same_com
 
 
 @pytest.mark.slow
-def test_sigusr1_on_one_rank_saves_and_exits_75_then_resumes_equal(tiny_train_config, tmp_path):
+def test_sigusr1_on_one_rank_saves_and_exits_75_then_resumes_equal(tiny_train_config, tmp_path, dp2_straight):
     layout = ["parallel.data=2", "checkpoint.interval=0"]
-    straight = tmp_path / "straight"
-    _train(tiny_train_config, straight, 40, *layout)
     run_dir = tmp_path / "preempted"
     command = [HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=40",
                *REWEIGHT, *layout]
@@ -214,7 +218,7 @@ def test_sigusr1_on_one_rank_saves_and_exits_75_then_resumes_equal(tiny_train_co
     again = subprocess.run(command, cwd=tmp_path, env=heft_env(), capture_output=True, text=True,
                            timeout=300, stdin=subprocess.DEVNULL)
     assert again.returncode == 0, again.stderr[-3000:]
-    _assert_same_steps(_losses(run_dir), _losses(straight), range(1, 41))
+    _assert_same_steps(_losses(run_dir), _losses(dp2_straight), range(1, 41))
 
 
 def test_sigterm_to_heft_train_is_forwarded_and_saves(tiny_train_config, tmp_path):
@@ -283,85 +287,96 @@ def test_a_failed_save_is_one_line_and_leaves_nothing_stale(async_save, tiny_tra
 
 # --- damaged, foreign and refused checkpoints -----------------------------------------------------
 
+CHAIN = ["parallel.data=2", "checkpoint.interval=1", "checkpoint.keep=5"]
+
+
 @pytest.fixture(scope="module")
-def two_checkpoints(tiny_train_config, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("two") / "run"
-    _train(tiny_train_config, run_dir, 6, "parallel.data=2")
+def five_checkpoints(tiny_train_config, tmp_path_factory):
+    """A finished 6-step DP2 run holding step_2 ... step_6 (step_1 was pruned)."""
+    run_dir = tmp_path_factory.mktemp("five") / "run"
+    _train(tiny_train_config, run_dir, 6, *CHAIN)
     return run_dir
 
 
-def test_truncated_shard_falls_back_to_the_previous_checkpoint(two_checkpoints, tiny_train_config, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(two_checkpoints, run_dir)
-    shard = sorted((run_dir / "checkpoints" / "step_6").glob("*.distcp"))[0]
+def _truncate_a_shard(step_dir: Path) -> tuple[Path, str]:
+    shard = sorted(step_dir.glob("*.distcp"))[0]
     with open(shard, "r+b") as f:
         f.truncate(100)
-    proc = _train(tiny_train_config, run_dir, 6, "parallel.data=2")
-    assert f"heft: warning: skipping checkpoint {run_dir / 'checkpoints' / 'step_6'}: {shard} is truncated" in proc.stderr
-    assert f"resuming from {run_dir / 'checkpoints' / 'step_3'}" in proc.stdout
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 7))
-    ref = _losses(two_checkpoints)
-    _assert_same_steps(_losses(run_dir), ref, range(4, 7))
+    return shard, "is truncated"
 
 
-@pytest.mark.parametrize("damage", ["zeroed tensor bytes", "garbage metadata.json", "damaged common.pt"])
-def test_damaged_contents_of_the_same_size_fall_back_to_the_previous_checkpoint(damage, two_checkpoints,
-                                                                                tiny_train_config, tmp_path):
-    """Zeroing 4 KB inside a tensor file loaded silently and trained on; a garbage metadata.json or
-    common.pt ended in a traceback (issue 22, item 4). Checksums recorded at save catch the first."""
+def _zero_tensor_bytes(step_dir: Path) -> tuple[Path, str]:
+    victim = max(step_dir.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.seek(victim.stat().st_size // 2)
+        f.write(bytes(4096))
+    return victim, "does not match the checksum recorded when it was saved"
+
+
+def _garbage_metadata(step_dir: Path) -> tuple[Path, str]:
+    (step_dir / "metadata.json").write_text("{not json")
+    return step_dir / "metadata.json", "is corrupt"
+
+
+def _zero_common_pt(step_dir: Path) -> tuple[Path, str]:
+    victim = step_dir / "common.pt"
+    victim.write_bytes(bytes(victim.stat().st_size))
+    return victim, "is damaged"
+
+
+def test_each_kind_of_damage_falls_back_to_the_checkpoint_before(five_checkpoints, tiny_train_config, tmp_path):
+    """Four kinds of damage, one per checkpoint (step_6 ... step_3): a truncated shard; zeroed bytes
+    inside a tensor file of the same size, which loaded silently and trained on, and a garbage
+    metadata.json or common.pt, which ended in a traceback (issue 22, item 4; the checksums recorded
+    at save catch the zeroed bytes). export-hf refuses each naming the file; one resume warns about
+    each in turn and starts from step_2, and steps 3-6 equal the undamaged run's."""
     run_dir = tmp_path / "run"
-    shutil.copytree(two_checkpoints, run_dir)
-    step_6 = run_dir / "checkpoints" / "step_6"
-    if damage == "zeroed tensor bytes":
-        victim = max(step_6.glob("*.distcp"), key=lambda p: p.stat().st_size)
-        with open(victim, "r+b") as f:
-            f.seek(victim.stat().st_size // 2)
-            f.write(bytes(4096))
-        needle = "does not match the checksum recorded when it was saved"
-    elif damage == "garbage metadata.json":
-        victim = step_6 / "metadata.json"
-        victim.write_text("{not json")
-        needle = "is corrupt"
-    else:
-        victim = step_6 / "common.pt"
-        victim.write_bytes(bytes(victim.stat().st_size))
-        needle = "is damaged"
-    exported = run_heft(["export-hf", str(step_6), str(tmp_path / "hf")], check=False)
-    assert exported.returncode == 2 and needle in exported.stderr and str(victim) in exported.stderr, exported.stderr
-    proc = _train(tiny_train_config, run_dir, 6, "parallel.data=2")
-    assert f"heft: warning: skipping checkpoint {step_6}: {victim}" in proc.stderr and needle in proc.stderr, proc.stderr
-    assert f"resuming from {run_dir / 'checkpoints' / 'step_3'}" in proc.stdout
-    _assert_same_steps(_losses(run_dir), _losses(two_checkpoints), range(4, 7))
+    shutil.copytree(five_checkpoints, run_dir)
+    damaged = {}
+    for step, damage in ((6, _truncate_a_shard), (5, _zero_tensor_bytes), (4, _garbage_metadata), (3, _zero_common_pt)):
+        step_dir = run_dir / "checkpoints" / f"step_{step}"
+        damaged[step_dir] = damage(step_dir)
+    for step_dir, (victim, needle) in damaged.items():
+        exported = run_heft(["export-hf", str(step_dir), str(tmp_path / f"hf-{step_dir.name}")], check=False)
+        assert exported.returncode == 2 and needle in exported.stderr and str(victim) in exported.stderr, exported.stderr
+    proc = _train(tiny_train_config, run_dir, 6, *CHAIN)
+    for step_dir, (victim, needle) in damaged.items():
+        warning = next((line for line in proc.stderr.splitlines()
+                        if line.startswith(f"heft: warning: skipping checkpoint {step_dir}: {victim}")), "")
+        assert needle in warning, (step_dir, proc.stderr)
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_2'}" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 7))
+    _assert_same_steps(_losses(run_dir), _losses(five_checkpoints), range(3, 7))
 
 
-def test_checkpoint_of_another_model_is_refused_naming_the_difference(two_checkpoints, tiny_train_config, tmp_path):
+def test_checkpoint_of_another_model_is_refused_naming_the_difference(five_checkpoints, tiny_train_config, tmp_path):
     proc = _train(tiny_train_config, tmp_path / "other", 8, "parallel.data=2", "model.hidden_size=128",
-                  f"checkpoint.load={two_checkpoints / 'checkpoints' / 'step_6'}", check=False)
+                  f"checkpoint.load={five_checkpoints / 'checkpoints' / 'step_6'}", check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "holds another model: hidden_size 64 (checkpoint) vs 128 (this run)" in lines[0], proc.stderr
 
 
-def test_a_pruned_or_mistyped_checkpoint_is_said_not_to_exist(two_checkpoints, tiny_train_config, tmp_path):
+def test_a_pruned_or_mistyped_checkpoint_is_said_not_to_exist(five_checkpoints, tiny_train_config, tmp_path):
     """The README's block named a checkpoint keep=3 had pruned: 'state.json is missing' (issue 22, item 12)."""
-    gone = two_checkpoints / "checkpoints" / "step_2"
+    gone = five_checkpoints / "checkpoints" / "step_1"
     proc = _train(tiny_train_config, tmp_path / "other", 8, "parallel.data=2", f"checkpoint.load={gone}", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"{gone} does not exist (pruned?" in proc.stderr and "holds step_3, step_6" in proc.stderr
+    assert f"{gone} does not exist (pruned?" in proc.stderr and "holds step_2, step_3, step_4, step_5, step_6" in proc.stderr
     assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
 
 
-def test_load_none_with_existing_checkpoints_is_refused(two_checkpoints, tiny_train_config, tmp_path):
+def test_load_none_with_existing_checkpoints_is_refused(five_checkpoints, tiny_train_config, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(two_checkpoints, run_dir)
+    shutil.copytree(five_checkpoints, run_dir)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     proc = _train(tiny_train_config, run_dir, 8, "parallel.data=2", "checkpoint.load=none", check=False)
     assert proc.returncode == 2 and "checkpoint.load=none would overwrite them" in proc.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
-def test_a_finished_run_says_so_and_trains_nothing(two_checkpoints, tiny_train_config, tmp_path):
-    proc = _train(tiny_train_config, two_checkpoints, 6, "parallel.data=2")
+def test_a_finished_run_says_so_and_trains_nothing(five_checkpoints, tiny_train_config, tmp_path):
+    proc = _train(tiny_train_config, five_checkpoints, 6, "parallel.data=2")
     assert "already reached step 6 of train.steps=6" in proc.stdout and "nothing to do" in proc.stdout
 
 
@@ -427,9 +442,9 @@ def test_partial_checkpoints_are_never_chosen_and_pruning_keeps_the_newest(tmp_p
     assert [p.name for p in files.complete_checkpoints(ckpt_dir)] == ["step_5", "step_6"]
 
 
-def test_rolling_back_in_place_is_refused(two_checkpoints, tiny_train_config, tmp_path):
+def test_rolling_back_in_place_is_refused(five_checkpoints, tiny_train_config, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(two_checkpoints, run_dir)
+    shutil.copytree(five_checkpoints, run_dir)
     proc = _train(tiny_train_config, run_dir, 6, "parallel.data=2",
                   f"checkpoint.load={run_dir / 'checkpoints' / 'step_3'}", check=False)
     assert proc.returncode == 2 and "already holds step_6; start from it in a new train.run_dir" in proc.stderr

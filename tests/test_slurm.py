@@ -59,7 +59,7 @@ def job_state(job_id: str) -> str | None:
     return fields.get("JobState")
 
 
-def wait_until_ended(run_dir: Path, job_id: str, limit: float = 420) -> list[dict]:
+def wait_until_ended(run_dir: Path, job_id: str, limit: float = 600) -> list[dict]:
     """Wait for the job's last `end` event that did not requeue; returns the events."""
     deadline = time.monotonic() + limit
     events_file = run_dir / "slurm" / "events.jsonl"
@@ -80,24 +80,101 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 # --- on the cluster -------------------------------------------------------------------------------
+#
+# Every job is submitted at once by one fixture and the tests wait for theirs: the emulated nodes
+# (2 CPUs each) run two of these 2-node jobs side by side when each asks for a share of a node's
+# memory (`--mem`; without it a job gets all of it), so Slurm's waits (the time-limit checks every
+# 30 s, a requeued job's restart) overlap with other jobs' training. Concurrent jobs on one machine
+# are what heft's dataset registration lock is for (data/shm.py).
+
+SHARE = ["--mem", "2G"]
+
+
+def _first_end(run_dir: Path) -> dict | None:
+    events_file = run_dir / "slurm" / "events.jsonl"
+    events = [json.loads(line) for line in events_file.read_text().splitlines()] if events_file.is_file() else []
+    return next((e for e in events if e["event"] == "end"), None)
+
+
+def _logged_a_step(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").is_file() and bool(read_metrics(run_dir))
+
+
+def _act_when(ready, action: list[str], outcome: dict, limit: float = 480) -> None:
+    """Run the command ``action`` once ``ready()`` holds, from a thread the fixture starts, so that
+    it happens as soon as the job gets there, while other tests wait for other jobs. ``outcome``
+    records that it ran, or why not (the test of that job asserts it)."""
+    deadline = time.monotonic() + limit
+    try:
+        while not ready():
+            if time.monotonic() > deadline:
+                outcome["error"] = f"not ready within {limit} s for {' '.join(action)}"
+                return
+            time.sleep(0.5)
+        subprocess.run(action, check=True, capture_output=True)
+        outcome["done"] = True
+    except Exception as exc:  # reported by the test that waits for this job
+        outcome["error"] = repr(exc)
+
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster, slurm_config, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("slurm-runs") / "straight"
-    job = submit([str(slurm_config), f"train.run_dir={run_dir}", "--nodes", "2", "--time", "10"])
-    events = wait_until_ended(run_dir, job)
-    assert events[-1]["status"] == 0, events
-    return run_dir
+def cluster_jobs(slurm_cluster, slurm_config, tmp_path_factory) -> dict:
+    """name -> (run_dir, job id) of every job the cluster tests look at, all submitted here."""
+    import threading
+
+    root = tmp_path_factory.mktemp("slurm-runs")
+    jobs = {}
+    two_nodes = ["--nodes", "2", "--time", "10", *SHARE]
+    jobs["straight"] = (root / "straight", submit([str(slurm_config), f"train.run_dir={root / 'straight'}", *two_nodes]))
+    preempted = root / "preempted"
+    jobs["preempted"] = (preempted, submit([str(slurm_config), f"train.run_dir={preempted}", *two_nodes]))
+    jobs["preempted_twice"] = run_heft(["submit", str(slurm_config), f"train.run_dir={preempted}", "--nodes", "2"],
+                                       check=False)
+    # The preemption: SIGUSR1 to the batch script once the job has logged a step.
+    jobs["preemption"] = {}
+    threading.Thread(target=_act_when, daemon=True, args=(
+        lambda: _logged_a_step(preempted), ["scancel", "--batch", "--signal=USR1", jobs["preempted"][1]],
+        jobs["preemption"])).start()
+    # A 2-minute limit, told to stop 85 s before it. slurmctld looks at time limits every 30 s and
+    # signals at the first look past 30 s before the due time (35 s in): so 5-35 s into the job
+    # (measured here: 26.6 s whatever the grace: the looks' phase), while start-up and 240 steps
+    # take ~60 s alone and longer beside another job. (Told to stop 75 s before, the signal once
+    # came after a 100-step run's last step on CI: that run was complete, and such a run now ends
+    # as finished.)
+    timed = root / "timed"
+    jobs["timed"] = (timed, submit([str(slurm_config), f"train.run_dir={timed}", "train.steps=240",
+                                    "--nodes", "2", "--time", "2", "--grace", "85", *SHARE]))
+    # Each run of a job gets the same limit; once the first run has stopped, give the requeued one
+    # room to finish (an operator would raise the limit, or let it take a few more rounds, each
+    # resuming where the last saved).
+    jobs["limit_raised"] = {}
+    threading.Thread(target=_act_when, daemon=True, args=(
+        lambda: _first_end(timed) is not None, ["scontrol", "update", f"JobId={jobs['timed'][1]}", "TimeLimit=10"],
+        jobs["limit_raised"])).start()
+    jobs["nan"] = (root / "nan", submit([str(slurm_config), f"train.run_dir={root / 'nan'}", "optim.lr=1e30",
+                                         "train.steps=8", *two_nodes]))
+    first = subprocess.run(["sbatch", "--parsable", "--mem=100M", f"--output={root / 'first.out'}", "--wrap", "sleep 3"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    sweep = root / "sweep.txt"
+    sweep.write_text("# one run per line\ntrain.steps=2 optim.lr=1e-3\ntrain.steps=3 optim.lr=3e-3\n")
+    out = run_heft(["submit", str(slurm_config), f"train.run_dir={root / 'sweep'}", "parallel.tensor=1",
+                    "parallel.data=1", "--nodes", "1", "--sweep", str(sweep), "--max-parallel", "1",
+                    "--dependency", f"afterok:{first}", "--time", "10", *SHARE]).stdout
+    jobs["sweep"] = (root / "sweep", out.split("array job ", 1)[1].split()[0])
+    jobs["sweep_dependency"] = first
+    return jobs
 
 
 @pytest.mark.slow
-def test_two_nodes_train_to_completion(uninterrupted):
-    run_dir = uninterrupted
+def test_two_nodes_train_to_completion(cluster_jobs):
+    run_dir, job = cluster_jobs["straight"]
+    events = wait_until_ended(run_dir, job)
+    assert events[-1]["status"] == 0, events
     curve = losses(run_dir)
     assert [s for s, _ in curve] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert curve[-1][1] < curve[0][1] - 0.5  # it learns
     script = (run_dir / "slurm" / "heft.sbatch").read_text()
-    assert "#SBATCH --nodes=2" in script and "--rdzv-endpoint" in script
+    assert "#SBATCH --nodes=2" in script and "--rdzv-endpoint" in script and "#SBATCH --mem=2G" in script
     out = next((run_dir / "slurm").glob("*.out")).read_text()
     assert "TP2 PP1 CP1 DP2 = 4 processes" in out
     status = run_heft(["status", str(run_dir)]).stdout
@@ -105,24 +182,21 @@ def test_two_nodes_train_to_completion(uninterrupted):
 
 
 @pytest.mark.slow
-def test_preemption_saves_requeues_resumes_and_matches(uninterrupted, slurm_config, tmp_path):
-    run_dir = tmp_path / "preempted"
-    job = submit([str(slurm_config), f"train.run_dir={run_dir}", "--nodes", "2", "--time", "10"])
-    twice = run_heft(["submit", str(slurm_config), f"train.run_dir={run_dir}", "--nodes", "2"], check=False)
+def test_preemption_saves_requeues_resumes_and_matches(cluster_jobs):
+    run_dir, job = cluster_jobs["preempted"]
+    twice = cluster_jobs["preempted_twice"]
     assert twice.returncode == 2 and f"belongs to job {job}, still" in twice.stderr, twice.stderr
-    deadline = time.monotonic() + 240
-    while not (run_dir / "metrics.jsonl").is_file() or not read_metrics(run_dir):
-        assert time.monotonic() < deadline, "the job never logged a step"
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
     events = wait_until_ended(run_dir, job)
+    assert cluster_jobs["preemption"].get("done"), cluster_jobs["preemption"]
 
     ends = [e for e in events if e["event"] == "end"]
     assert [e["action"] for e in ends] == ["requeue", "stop"], ends
     assert ends[0]["status"] == 75 and 5 <= ends[0]["checkpoint_step"] < 40
     assert ends[-1]["status"] == 0 and [e["restart"] for e in events if e["event"] == "start"] == [0, 1]
     # The resumed run continues the uninterrupted one exactly (same data order, same state).
-    resumed, straight = losses(run_dir), losses(uninterrupted)
+    straight_dir, straight_job = cluster_jobs["straight"]
+    wait_until_ended(straight_dir, straight_job)
+    resumed, straight = losses(run_dir), losses(straight_dir)
     assert [s for s, _ in resumed] == [s for s, _ in straight]
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in straight], rel=1e-6)
     status = run_heft(["status", str(run_dir)]).stdout
@@ -130,27 +204,14 @@ def test_preemption_saves_requeues_resumes_and_matches(uninterrupted, slurm_conf
 
 
 @pytest.mark.slow
-def test_time_limit_checkpoints_before_the_kill_and_the_requeued_job_finishes(slurm_cluster, slurm_config, tmp_path):
-    run_dir = tmp_path / "timed"
-    # A 2-minute limit, told to stop 85 s before it. slurmctld looks at time limits every 30 s and
-    # signals at the first look past 30 s before the due time (35 s in): so 5-35 s into the job
-    # (measured here: 26.6 s whatever the grace: the looks' phase), while start-up and 240 steps
-    # take ~60 s. (Told to stop 75 s before, the signal once came after a 100-step run's last step on
-    # CI: that run was complete, and such a run now ends as finished.)
-    job = submit([str(slurm_config), f"train.run_dir={run_dir}", "train.steps=240", "--nodes", "2",
-                  "--time", "2", "--grace", "85"])
-    events_file = run_dir / "slurm" / "events.jsonl"
-    deadline = time.monotonic() + 240
-    while '"end"' not in (events_file.read_text() if events_file.is_file() else ""):
-        assert time.monotonic() < deadline, "the first run of the job never ended"
-        time.sleep(1)
-    first_end = json.loads(events_file.read_text().splitlines()[-1])
+def test_time_limit_checkpoints_before_the_kill_and_the_requeued_job_finishes(cluster_jobs):
+    run_dir, job = cluster_jobs["timed"]
+    events = wait_until_ended(run_dir, job)
+    assert cluster_jobs["limit_raised"].get("done"), cluster_jobs["limit_raised"]
+    first_end = _first_end(run_dir)
     assert first_end["action"] == "requeue" and first_end["status"] == 75, first_end
     assert 1 <= first_end["checkpoint_step"] < 240, first_end
-    # Each run of a job gets the same limit; give the requeued one room to finish (an operator
-    # would raise the limit, or let it take a few more rounds, each resuming where the last saved).
-    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
-    events = wait_until_ended(run_dir, job)
+    assert [e["event"] for e in events] == ["start", "end", "start", "end"], events
     assert events[-1]["status"] == 0 and read_metrics(run_dir)[-1]["step"] == 240
     err = "\n".join(p.read_text() for p in (run_dir / "slurm").glob("*.err"))
     assert "stop signal (USR1) for job" in err and "Traceback" not in err
@@ -158,10 +219,8 @@ def test_time_limit_checkpoints_before_the_kill_and_the_requeued_job_finishes(sl
 
 
 @pytest.mark.slow
-def test_a_real_failure_is_not_requeued(slurm_cluster, slurm_config, tmp_path):
-    run_dir = tmp_path / "nan"
-    job = submit([str(slurm_config), f"train.run_dir={run_dir}", "optim.lr=1e30", "train.steps=8",
-                  "--nodes", "2", "--time", "10"])
+def test_a_real_failure_is_not_requeued(cluster_jobs):
+    run_dir, job = cluster_jobs["nan"]
     events = wait_until_ended(run_dir, job)
     assert [e["event"] for e in events] == ["start", "end"] and events[-1]["status"] == 1, events
     status = run_heft(["status", str(run_dir)]).stdout
@@ -170,16 +229,9 @@ def test_a_real_failure_is_not_requeued(slurm_cluster, slurm_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_array_after_a_dependency(slurm_cluster, slurm_config, tmp_path):
-    first = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'first.out'}", "--wrap", "sleep 3"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    sweep = tmp_path / "sweep.txt"
-    sweep.write_text("# one run per line\ntrain.steps=2 optim.lr=1e-3\ntrain.steps=3 optim.lr=3e-3\n")
-    base = tmp_path / "sweep"
-    out = run_heft(["submit", str(slurm_config), f"train.run_dir={base}", "parallel.tensor=1",
-                    "parallel.data=1", "--nodes", "1", "--sweep", str(sweep), "--max-parallel", "1",
-                    "--dependency", f"afterok:{first}", "--time", "10"]).stdout
-    array = out.split("array job ", 1)[1].split()[0]
+def test_sweep_array_after_a_dependency(cluster_jobs):
+    base, array = cluster_jobs["sweep"]
+    first = cluster_jobs["sweep_dependency"]
     for index, steps in ((0, 2), (1, 3)):
         events = wait_until_ended(base / f"sweep-{index}", f"{array}_{index}")
         assert events[0]["array"] == f"{array}_{index}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import read_metrics, run_heft
+from conftest import EVAL_LAYOUTS, read_metrics, run_heft
 
 
 def _train(config, run_dir, *overrides, check=True):
@@ -16,12 +16,11 @@ def _train(config, run_dir, *overrides, check=True):
     return proc, (read_metrics(run_dir) if check else None)
 
 
-def test_recompute_and_bf16_track_fp32(tiny_train_config, tmp_path):
-    layout = ["parallel.tensor=2", "parallel.data=1"]
-    _, base = _train(tiny_train_config, tmp_path / "fp32", *layout)
-    _, full = _train(tiny_train_config, tmp_path / "recompute", *layout, "train.recompute=full")
-    _, selective = _train(tiny_train_config, tmp_path / "selective", *layout, "train.recompute=selective")
-    _, bf16 = _train(tiny_train_config, tmp_path / "bf16", *layout, "train.precision=bf16")
+def test_recompute_and_bf16_track_fp32(layout_runs):
+    """Under TP2 (conftest.PRECISION_RUNS, trained by the ``layout_runs`` fixture)."""
+    base, full, selective, bf16 = (read_metrics(layout_runs[f"precision/{name}"])
+                                   for name in ("fp32", "recompute_full", "recompute_selective", "bf16"))
+    assert len(base) == len(full) == len(selective) == len(bf16) == 3
     for a, b, s, c in zip(base, full, selective, bf16):
         # Recompute replays the same fp32 forward: equal to rounding.
         for recomputed in (b, s):
@@ -58,15 +57,8 @@ def test_metrics_jsonl_and_tensorboard_agree(tiny_train_config, tmp_path):
         assert value == pytest.approx(record["loss"], rel=1e-6)
 
 
-def test_evaluation_is_layout_invariant(tiny_train_config, tmp_path):
-    evals = {}
-    for name, layout in {"single": ["parallel.data=1"],
-                         "tp2_pp2": ["parallel.tensor=2", "parallel.pipeline=2", "parallel.data=1"],
-                         "dp2": ["parallel.data=2"]}.items():
-        run_dir = tmp_path / name
-        run_heft(["train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=2",
-                  "train.eval_interval=1", *layout])
-        evals[name] = read_metrics(run_dir, kind="eval")
+def test_evaluation_is_layout_invariant(layout_runs, tiny_train_config):
+    evals = {name: read_metrics(layout_runs[f"eval/{name}"], kind="eval") for name in EVAL_LAYOUTS}
     ref = evals["single"]
     assert [r["step"] for r in ref] == [1, 2]
     assert {"eval_code_loss", "eval_docs_loss", "eval_legal_loss"} <= set(ref[0])
@@ -76,6 +68,7 @@ def test_evaluation_is_layout_invariant(tiny_train_config, tmp_path):
     manifest = json.loads((small_corpus_path(tiny_train_config) / "manifest.json").read_text())
     assert any(d["val"]["samples"] % (2 * 2) for d in manifest["domains"])  # DP2 x micro batch 2 needs padding
     for name, records in evals.items():
+        assert [r["step"] for r in records] == [1, 2], name
         for a, b in zip(ref, records):
             for key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), f"{name} step {a['step']} {key}"
