@@ -22,28 +22,6 @@ def _exit_within(seconds: float, status: int) -> None:
     timer.start()
 
 
-def _end_process(status: int) -> None:
-    """End a worker whose job is over, without tearing every module down.
-
-    What normal interpreter shutdown does that matters runs first, in its order: non-daemon
-    threads are joined along with threading's exit hooks (streaming registers one), then the atexit
-    hooks (streaming unlinks its shared memory there; logging flushes). What is skipped is freeing
-    each module and object of a process that imported torch and megatron-core: 0.75 s of CPU for
-    every rank of every run, after its last file was closed (profiled 2026-12-07). Where this
-    Python lacks ``threading._shutdown`` the interpreter's own shutdown runs instead."""
-    import atexit
-
-    if not callable(getattr(threading, "_shutdown", None)):
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    threading._shutdown()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 def main(argv: list[str] | None = None) -> int:
     from heft.launcher.launch import known_warnings, stop
 
@@ -99,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     _exit_within(10.0, status)  # an exit hook that hangs cannot keep the worker
-    _end_process(status)  # the process ends here
     return status
 
 
 # The guard matters: dist_checkpointing and streaming spawn helpers that re-import __main__.
 if __name__ == "__main__":
-    sys.exit(main())
+    from heft.launcher.launch.process_exit import end_process
+
+    code = main()
+    end_process(code)
+    sys.exit(code)

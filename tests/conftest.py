@@ -61,9 +61,11 @@ def _start_counting(path: str) -> None:
 
     def counting_init(self, args, *rest, **kwargs):
         kind = process_kind(args)
-        if kind:
-            test_file = next((f.filename for f in reversed(traceback.extract_stack())
-                              if Path(f.filename).name.startswith("test_")), "other")
+        if kind:  # pytest names the test being set up, run or torn down (a fixture's processes too)
+            current = os.environ.get("PYTEST_CURRENT_TEST", "")
+            test_file = current.split("::", 1)[0] if current else next(
+                (f.filename for f in reversed(traceback.extract_stack()) if Path(f.filename).name.startswith("test_")),
+                "other")
             counts[Path(test_file).name][kind] += 1
         original(self, args, *rest, **kwargs)
 
@@ -208,15 +210,41 @@ optim: {{lr: 3.0e-3, warmup_steps: 0}}
     return path
 
 
-def dump_batches(out: Path, config: Path, overrides: list[str], nproc: int, steps: int) -> list[dict]:
-    """Run tests/workers/dump_batches.py under torchrun: per rank, its layout coordinates and the
-    (domain, index) pairs of each of its ``steps`` batches."""
-    out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(REPO / "tests" / "workers" / "dump_batches.py"), str(out), str(steps), str(config), *overrides]
-    proc = subprocess.run(cmd, env=heft_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+DUMP_CASES = {
+    # test_data.py: replicas get disjoint samples, the ranks of a replica the same ones
+    "replicas/tp2_dp2": (["parallel.tensor=2", "parallel.data=2"], 20),
+    "replicas/pp2_dp2": (["parallel.pipeline=2", "parallel.data=2"], 20),
+    # test_data.py: the static proportions hold over 150 steps
+    "proportions/dp2": (["parallel.data=2"], 150),
+    # test_mixture.py: a scheduled mixture draws the same global batches under DP4 and TP2 x DP2
+    "schedule/dp4": (["parallel.data=4", "mixture.controller=schedule",
+                      "mixture.schedule=[{step: 1, code: 1}, {step: 6, docs: 1, legal: 1}]"], 8),
+    "schedule/tp2_dp2": (["parallel.tensor=2", "parallel.data=2", "mixture.controller=schedule",
+                          "mixture.schedule=[{step: 1, code: 1}, {step: 6, docs: 1, legal: 1}]"], 8),
+}
+
+
+@pytest.fixture(scope="session")
+def batch_dumps(tiny_train_config, tmp_path_factory) -> dict[str, list[dict]]:
+    """For each case of DUMP_CASES (layout overrides of the tiny config, steps): per rank, its layout
+    coordinates and the (domain, index) pairs of each of its batches, from heft's own data iterator
+    in real torchrun processes (tests/workers/dump_batches.py; one torchrun job per world size)."""
+    root = tmp_path_factory.mktemp("batch-dumps")
+    by_world: dict[int, list[dict]] = {}
+    outs = {}
+    for name, (overrides, steps) in DUMP_CASES.items():
+        outs[name] = root / name.replace("/", "-")
+        by_world.setdefault(world_size_of(overrides), []).append(
+            {"name": name, "out": str(outs[name]), "steps": steps, "config": str(tiny_train_config),
+             "overrides": overrides})
+    for world, cases in sorted(by_world.items()):
+        listing = root / f"cases-{world}.json"
+        listing.write_text(json.dumps(cases, indent=1))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               str(REPO / "tests" / "workers" / "dump_batches.py"), str(listing)]
+        proc = subprocess.run(cmd, env=heft_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return {name: [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))] for name, out in outs.items()}
 
 
 # --- layout runs: many layouts, few launches -----------------------------------------------------
@@ -259,8 +287,9 @@ PRECISION_RUNS = {
 
 
 def layout_cases() -> dict[str, list[str]]:
-    """Every run the layout tests compare (test_parity, test_reweighting_layouts, test_train), by
-    name: the overrides of the tiny config (3 steps unless a case says otherwise)."""
+    """Every run the layout tests compare (test_parity, test_reweighting_layouts, test_train) and
+    the reference runs of REFERENCE_RUNS, by name: the overrides of the tiny config (3 steps unless
+    a case says otherwise)."""
     cases = {"parity/reference": ["parallel.data=1"]}
     cases.update({f"parity/{name}": layout for name, layout in PARITY_LAYOUTS.items()})
     cases["reweight/reference"] = [*REWEIGHT, "parallel.data=1"]
@@ -271,7 +300,43 @@ def layout_cases() -> dict[str, list[str]]:
                   for name, layout in EVAL_LAYOUTS.items()})
     cases.update({f"precision/{name}": ["parallel.tensor=2", "parallel.data=1", *extra]
                   for name, extra in PRECISION_RUNS.items()})
+    cases.update(REFERENCE_RUNS)
     return cases
+
+
+# The uninterrupted runs that resume, fault and export tests compare with or start from. A test
+# that changes such a run's directory works on a copy.
+CHECKPOINT_REWEIGHT = ["reweight.strategy=linupper", "reweight.temperature=1.0"]
+TP2_PP2 = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.data=1"]
+FUSED_AND_OVERLAPPED = ["parallel.data=2", "parallel.distributed_optimizer=true", "optim.adam_impl=fused",
+                        "parallel.overlap_param_gather=true"]
+REFERENCE_RUNS = {
+    # test_checkpoint.py
+    "checkpoint/tp2_pp2": ["train.steps=6", "checkpoint.interval=3", *CHECKPOINT_REWEIGHT, *TP2_PP2],
+    "checkpoint/pp2_vpp2_dp2_microbatch": [
+        "train.steps=6", "checkpoint.interval=3", *CHECKPOINT_REWEIGHT, "parallel.pipeline=2",
+        "parallel.virtual_pipeline=2", "parallel.data=2", "reweight.scope=microbatch"],
+    "checkpoint/fused_overlapped": ["train.steps=6", "checkpoint.interval=3", *CHECKPOINT_REWEIGHT,
+                                    *FUSED_AND_OVERLAPPED],
+    "checkpoint/fused_gathered_at_step_3": [
+        "train.steps=6", "checkpoint.interval=3", *CHECKPOINT_REWEIGHT, *FUSED_AND_OVERLAPPED[:-1],
+        "parallel.overlap_param_gather=false", "train.stop_at_step=3"],
+    "checkpoint/dp2_40_steps": ["train.steps=40", "checkpoint.interval=0", *CHECKPOINT_REWEIGHT, "parallel.data=2"],
+    "checkpoint/dp2_five_checkpoints": ["train.steps=6", *CHECKPOINT_REWEIGHT, "parallel.data=2",
+                                        "checkpoint.interval=1", "checkpoint.keep=5"],
+    "checkpoint/dp2_tensorboard_5_steps": ["train.steps=5", "checkpoint.interval=3", *CHECKPOINT_REWEIGHT,
+                                           "parallel.data=2", "train.tensorboard=true"],
+    # test_hf.py: tied embeddings, GQA (4 heads, 2 groups), byte tokenizer; evaluated at the end
+    "hf/tied": ["model.seq_length=64", *TP2_PP2, "train.steps=2", "train.eval_at_end=true"],
+    # test_mixture.py: online ODM weights changing every 2 steps, under TP2 x DP2
+    "mixture/odm_tp2_dp2": ["parallel.tensor=2", "parallel.data=2", "train.steps=8", "mixture.controller=odm",
+                            "mixture.update_interval=2", "mixture.min_weight=0.05",
+                            "reweight.log_sample_weights=true", "checkpoint.interval=0"],
+    # test_train.py, test_reweighting_telemetry.py
+    "train/dp2_tensorboard": ["train.tensorboard=true", "parallel.data=2"],
+    "telemetry/linupper_dp2": ["train.tensorboard=true", "train.steps=4", "parallel.data=2",
+                               "reweight.strategy=linupper", "reweight.temperature=0.5"],
+}
 
 
 def world_size_of(overrides: list[str]) -> int:
@@ -288,7 +353,7 @@ def world_size_of(overrides: list[str]) -> int:
 def layout_runs(tiny_train_config, tmp_path_factory) -> dict[str, Path]:
     """The run directory of every case of :func:`layout_cases`, trained once per session by heft's
     own training loop: one torchrun job per world size runs all its cases one after another
-    (tests/workers/train_cases.py), 3 launches instead of 21."""
+    (tests/workers/train_cases.py), 3 launches instead of 31."""
     root = tmp_path_factory.mktemp("layout-runs")
     by_world: dict[int, list[dict]] = {}
     run_dirs = {}

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import heft_env, read_metrics, run_heft, wait_for_step, worker_with_rank
+from conftest import (CHECKPOINT_REWEIGHT as REWEIGHT, FUSED_AND_OVERLAPPED, TP2_PP2, heft_env, read_metrics,
+                      run_heft, wait_for_step, worker_with_rank)
 
 HEFT = str(Path(sys.executable).parent / "heft")
-REWEIGHT = ["reweight.strategy=linupper", "reweight.temperature=1.0"]
-TP2_PP2 = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.data=1"]
 RTOL = 1e-5
 
 
@@ -41,11 +40,10 @@ def _assert_same_steps(got: dict, ref: dict, steps, rel=0.0):
 
 
 @pytest.fixture(scope="module")
-def tp2_pp2_straight(tiny_train_config, tmp_path_factory):
-    """The uninterrupted reference: 6 steps under TP2 x PP2, checkpoints at steps 3 and 6."""
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    _train(tiny_train_config, run_dir, 6, *TP2_PP2)
-    return run_dir
+def tp2_pp2_straight(layout_runs):
+    """The uninterrupted reference: 6 steps under TP2 x PP2, checkpoints at steps 3 and 6
+    (conftest.REFERENCE_RUNS, trained once per session)."""
+    return layout_runs["checkpoint/tp2_pp2"]
 
 
 @pytest.mark.slow
@@ -54,11 +52,8 @@ def tp2_pp2_straight(tiny_train_config, tmp_path_factory):
     ("pp2_vpp2_dp2_microbatch", ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.data=2",
                                  "reweight.scope=microbatch"]),
 ])
-def test_resumed_run_equals_the_uninterrupted_run(name, layout, tiny_train_config, tmp_path,
-                                                  tp2_pp2_straight):
-    straight = tp2_pp2_straight if name == "tp2_pp2_global" else tmp_path / "straight"
-    if name != "tp2_pp2_global":
-        _train(tiny_train_config, straight, 6, *layout)
+def test_resumed_run_equals_the_uninterrupted_run(name, layout, tiny_train_config, tmp_path, layout_runs):
+    straight = layout_runs["checkpoint/tp2_pp2" if name == "tp2_pp2_global" else f"checkpoint/{name}"]
     resumed = tmp_path / "resumed"
     first = _train(tiny_train_config, resumed, 6, *layout, "train.stop_at_step=3")
     assert "stopped at step 3 of 6" in first.stdout
@@ -100,15 +95,14 @@ def test_distributed_optimizer_checkpoint_back_onto_the_plain_optimizer(tiny_tra
 
 
 @pytest.mark.slow
-def test_fused_adam_and_overlapped_weight_gather_resume_exactly(tiny_train_config, tmp_path, tp2_pp2_straight):
+def test_fused_adam_and_overlapped_weight_gather_resume_exactly(tiny_train_config, tmp_path, tp2_pp2_straight,
+                                                               layout_runs):
     """What CUDA runs by default, on CPU: torch's fused AdamW, and the distributed optimizer's
     weight all-gather overlapped with the next forward pass."""
     from heft.launcher.checkpoint.export_hf import read_weights
 
-    fast = ["parallel.data=2", "parallel.distributed_optimizer=true", "optim.adam_impl=fused",
-            "parallel.overlap_param_gather=true"]
-    straight = tmp_path / "straight"
-    _train(tiny_train_config, straight, 6, *fast)
+    fast = FUSED_AND_OVERLAPPED
+    straight = layout_runs["checkpoint/fused_overlapped"]
     # The same training as the foreach TP2 x PP2 reference (to the layout-invariance tolerance):
     # an overlapped gather that left a rank's weights stale would break this from step 2 on.
     _assert_same_steps(_losses(straight), _losses(tp2_pp2_straight), range(1, 7), rel=RTOL)
@@ -117,9 +111,7 @@ def test_fused_adam_and_overlapped_weight_gather_resume_exactly(tiny_train_confi
     _assert_same_steps(_losses(resumed), _losses(straight), range(4, 7))  # bitwise
     # A checkpoint written right after an update holds the gathered weights: the same as those of
     # a run whose optimizer step gathered them itself.
-    gathered_at_step = tmp_path / "gathered_at_step"
-    _train(tiny_train_config, gathered_at_step, 6, *fast[:-1], "parallel.overlap_param_gather=false",
-           "train.stop_at_step=3")
+    gathered_at_step = layout_runs["checkpoint/fused_gathered_at_step_3"]  # overlap off, stopped at step 3
     saved = dict(read_weights(straight / "checkpoints" / "step_3"))
     reference = dict(read_weights(gathered_at_step / "checkpoints" / "step_3"))
     assert saved.keys() == reference.keys()
@@ -128,11 +120,9 @@ def test_fused_adam_and_overlapped_weight_gather_resume_exactly(tiny_train_confi
 
 
 @pytest.fixture(scope="module")
-def dp2_straight(tiny_train_config, tmp_path_factory):
+def dp2_straight(layout_runs):
     """The uninterrupted reference of the fault tests: 40 steps under DP2, saved at the end only."""
-    run_dir = tmp_path_factory.mktemp("dp2-straight") / "run"
-    _train(tiny_train_config, run_dir, 40, "parallel.data=2", "checkpoint.interval=0")
-    return run_dir
+    return layout_runs["checkpoint/dp2_40_steps"]
 
 
 @pytest.mark.slow
@@ -291,11 +281,10 @@ CHAIN = ["parallel.data=2", "checkpoint.interval=1", "checkpoint.keep=5"]
 
 
 @pytest.fixture(scope="module")
-def five_checkpoints(tiny_train_config, tmp_path_factory):
-    """A finished 6-step DP2 run holding step_2 ... step_6 (step_1 was pruned)."""
-    run_dir = tmp_path_factory.mktemp("five") / "run"
-    _train(tiny_train_config, run_dir, 6, *CHAIN)
-    return run_dir
+def five_checkpoints(layout_runs):
+    """A finished 6-step DP2 run holding step_2 ... step_6 (step_1 was pruned); tests that change
+    it work on a copy."""
+    return layout_runs["checkpoint/dp2_five_checkpoints"]
 
 
 def _truncate_a_shard(step_dir: Path) -> tuple[Path, str]:
@@ -380,11 +369,11 @@ def test_a_finished_run_says_so_and_trains_nothing(five_checkpoints, tiny_train_
     assert "already reached step 6 of train.steps=6" in proc.stdout and "nothing to do" in proc.stdout
 
 
-def test_tensorboard_continues_without_duplicated_steps(tiny_train_config, tmp_path):
+def test_tensorboard_continues_without_duplicated_steps(tiny_train_config, tmp_path, layout_runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    _train(tiny_train_config, run_dir, 5, "parallel.data=2", "train.tensorboard=true")
+    shutil.copytree(layout_runs["checkpoint/dp2_tensorboard_5_steps"], run_dir)  # 5 steps, saved at 3 and 5
     # As if killed after logging step 5 but before saving it: the newest checkpoint is step_3, and
     # metrics.jsonl and TensorBoard already hold steps 4 and 5.
     shutil.rmtree(run_dir / "checkpoints" / "step_5")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import dump_batches, read_mds_split, run_heft
+from conftest import read_mds_split, run_heft
 from heft.data.prepare import load_manifest, prepare
 from heft.data.tokenizer import EOS_TEXT, load_tokenizer
 
@@ -64,12 +64,10 @@ def test_cli_prepare_from_files(tmp_path):
     assert [d["name"] for d in manifest["domains"]] == ["web"] and manifest["domains"][0]["train"]["samples"] > 0
 
 
-@pytest.mark.parametrize("layout", [
-    ["parallel.tensor=2", "parallel.data=2"],
-    ["parallel.pipeline=2", "parallel.data=2"],
-])
-def test_replica_ranks_share_samples_and_replicas_are_disjoint(tmp_path, tiny_train_config, layout):
-    ranks = dump_batches(tmp_path / "dump", tiny_train_config, layout, nproc=4, steps=20)
+@pytest.mark.parametrize("layout", ["tp2_dp2", "pp2_dp2"])
+def test_replica_ranks_share_samples_and_replicas_are_disjoint(batch_dumps, layout):
+    ranks = batch_dumps[f"replicas/{layout}"]  # 20 steps
+    assert len(ranks) == 4
     by_replica: dict[int, list] = {}
     for r in ranks:
         by_replica.setdefault(r["dp_rank"], []).append(r["batches"])
@@ -80,8 +78,9 @@ def test_replica_ranks_share_samples_and_replicas_are_disjoint(tmp_path, tiny_tr
     assert len(samples[0]) == 20 * 4 and not samples[0] & samples[1]
 
 
-def test_static_proportions_hold(tmp_path, tiny_train_config):
-    ranks = dump_batches(tmp_path / "dump", tiny_train_config, ["parallel.data=2"], nproc=2, steps=150)
+def test_static_proportions_hold(batch_dumps):
+    ranks = batch_dumps["proportions/dp2"]  # 150 steps
+    assert len(ranks) == 2 and all(len(r["batches"]) == 150 for r in ranks)
     domains = Counter(d for r in ranks for batch in r["batches"] for d, _ in batch)
     total = sum(domains.values())  # 150 steps x 8 samples
     for domain_id, want in {0: 0.5, 1: 0.25, 2: 0.25}.items():

@@ -48,10 +48,10 @@ def _train(config: Path, run_dir: Path, *overrides: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tied_run(tmp_path_factory, tiny_train_config) -> Path:
-    """Tied embeddings, GQA (4 heads, 2 groups), byte tokenizer; TP2xPP2, evaluated at the end."""
-    return _train(tiny_train_config, tmp_path_factory.mktemp("hf") / "tied", "train.steps=2",
-                  "train.eval_at_end=true")
+def tied_run(layout_runs) -> Path:
+    """Tied embeddings, GQA (4 heads, 2 groups), byte tokenizer; TP2xPP2, 2 steps, evaluated at the
+    end (conftest.REFERENCE_RUNS, trained once per session)."""
+    return layout_runs["hf/tied"]
 
 
 @pytest.fixture(scope="module")

@@ -202,7 +202,7 @@ def test_the_wheel_ships_every_room_and_the_public_entry_points(heft_wheel, tmp_
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(unpacked)
         entry_points = archive.read(next(n for n in archive.namelist() if n.endswith("entry_points.txt")))
-    assert b"heft = heft.launcher.cli:main" in entry_points
+    assert b"heft = heft.launcher.cli:run" in entry_points
     rooms = sorted(p.name for p in (REPO / "launcher").iterdir() if (p / "__init__.py").is_file())
     site_packages = next(p for p in map(Path, sys.path) if p.name == "site-packages")
     # -S: no site-packages .pth files, so the editable install's finder stays out; the wheel's

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import dump_batches, heft_env, holders_of, python_in_a_fresh_process, read_metrics, run_heft
+from conftest import REFERENCE_RUNS, heft_env, holders_of, python_in_a_fresh_process, read_metrics, run_heft
 from heft.data.config import DataConfig, DataConfigError, MixtureConfig
 from heft.data.controllers import DoReMi, OnlineDataMixing, Schedule, apply_floor, check_mixture
 from heft.data.mixer import DomainExhausted, DomainMixer, draw_step
@@ -409,12 +409,10 @@ def _sample_ids(run_dir: Path) -> dict[int, list]:
 
 
 @pytest.mark.slow
-def test_resume_under_tp2_dp2_consumes_the_same_samples_while_online_weights_change(tmp_path, tiny_train_config):
-    common = [str(tiny_train_config), "parallel.tensor=2", "parallel.data=2", "train.steps=8",
-              "mixture.controller=odm", "mixture.update_interval=2", "mixture.min_weight=0.05",
-              "reweight.log_sample_weights=true", "checkpoint.interval=0"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_heft(["train", *common, f"train.run_dir={straight}"], timeout=300)
+def test_resume_under_tp2_dp2_consumes_the_same_samples_while_online_weights_change(tmp_path, tiny_train_config,
+                                                                                 layout_runs):
+    common = [str(tiny_train_config), *REFERENCE_RUNS["mixture/odm_tp2_dp2"]]
+    straight, split = layout_runs["mixture/odm_tp2_dp2"], tmp_path / "split"
     run_heft(["train", *common, f"train.run_dir={split}", "train.stop_at_step=4"], timeout=300)
     run_heft(["train", *common, f"train.run_dir={split}"], timeout=300)
     want, got = _sample_ids(straight), _sample_ids(split)
@@ -426,19 +424,18 @@ def test_resume_under_tp2_dp2_consumes_the_same_samples_while_online_weights_cha
     assert targets == [{k: v for k, v in r.items() if k.startswith("mixture_")} for r in read_metrics(split)]
 
 
-def _global_batches(out: Path, config, layout, steps):
-    """Each step's global batch under ``layout`` (4 processes): the replicas' shares in DP order."""
-    ranks = dump_batches(out, config, layout, nproc=4, steps=steps)
+def _global_batches(ranks):
+    """Each step's global batch (4 processes): the replicas' shares in DP order."""
     replicas = {r["dp_rank"]: r["batches"] for r in ranks if r["tp_rank"] == 0}
+    steps = len(replicas[0])
     return [[tuple(s) for dp in sorted(replicas) for s in replicas[dp][step]] for step in range(steps)]
 
 
-def test_dp4_and_tp2_dp2_consume_the_same_samples_per_step(tmp_path, tiny_train_config):
-    schedule = ["mixture.controller=schedule", "mixture.schedule=[{step: 1, code: 1}, {step: 6, docs: 1, legal: 1}]"]
-    dp4 = _global_batches(tmp_path / "dp4", tiny_train_config, ["parallel.data=4", *schedule], 8)
-    tp2dp2 = _global_batches(tmp_path / "tp2dp2", tiny_train_config,
-                             ["parallel.tensor=2", "parallel.data=2", *schedule], 8)
-    assert dp4 == tp2dp2
+def test_dp4_and_tp2_dp2_consume_the_same_samples_per_step(batch_dumps):
+    """The schedule: all code from step 1, docs and legal only from step 6 (conftest.DUMP_CASES)."""
+    dp4 = _global_batches(batch_dumps["schedule/dp4"])
+    tp2dp2 = _global_batches(batch_dumps["schedule/tp2_dp2"])
+    assert len(dp4) == 8 and dp4 == tp2dp2
     assert {d for d, _ in dp4[0]} == {0} and {d for d, _ in dp4[7]} <= {1, 2}
 
 

@@ -7,12 +7,10 @@ import pytest
 from conftest import read_metrics, run_heft
 
 
-def test_weight_telemetry_and_histogram(tiny_train_config, tmp_path):
+def test_weight_telemetry_and_histogram(layout_runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = tmp_path / "run"
-    run_heft(["train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.tensorboard=true",
-              "train.steps=4", "parallel.data=2", "reweight.strategy=linupper", "reweight.temperature=0.5"])
+    run_dir = layout_runs["telemetry/linupper_dp2"]  # DP2, 4 steps, linupper at r = 0.5, TensorBoard on
     records = read_metrics(run_dir)
     # Step 3: reweighted from step 2's statistics (step 1 is uniform in the global scope).
     last = records[2]

@@ -40,11 +40,11 @@ def test_nonfinite_loss_stops_with_a_clear_error(tiny_train_config, tmp_path):
     assert "Lower optim.lr" in proc.stderr
 
 
-def test_metrics_jsonl_and_tensorboard_agree(tiny_train_config, tmp_path):
+def test_metrics_jsonl_and_tensorboard_agree(layout_runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = tmp_path / "tb"
-    _, records = _train(tiny_train_config, run_dir, "train.tensorboard=true", "parallel.data=2")
+    run_dir = layout_runs["train/dp2_tensorboard"]  # DP2, 3 steps, TensorBoard on
+    records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("consumed_tokens", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s"):
         assert all(key in r for r in records)

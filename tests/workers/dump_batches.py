@@ -1,4 +1,13 @@
-"""torchrun worker: build heft's process groups and data iterator, dump what this rank receives."""
+"""torchrun worker: what each rank receives from heft's data iterator, for several layouts in one
+set of processes.
+
+    python -m torch.distributed.run --nproc-per-node=N tests/workers/dump_batches.py CASES.json
+
+CASES.json lists ``{"name", "out", "steps", "config", "overrides"}``. For each case every rank builds
+heft's process groups for that layout and its replica's batches, and writes its layout coordinates
+and the (domain, index) pairs of each of its ``steps`` batches to ``out/rank<R>.json``. Between cases
+the default process group stays and megatron-core's groups are rebuilt (as in train_cases.py).
+"""
 
 import json
 import sys
@@ -8,24 +17,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
     from heft.launcher.config import load_config
-    from heft.launcher.train.build import replica_batches
+    from heft.launcher.train.build import replica_batches, start_processes
     from heft.model import cpu_compat
-    from heft.launcher.train.build import start_processes
     from heft.model.parallel import shutdown
 
-    out_dir, steps, config, *overrides = sys.argv[1:]
     cpu_compat.enable_if_no_cuda()
-    cfg = load_config(config, overrides)
-    layout = start_processes(cfg)
-    batches = replica_batches(cfg, layout)
-    seen = []
-    for _ in range(int(steps)):
-        batch = next(batches)
-        seen.append([[int(d), int(i)] for d, i in zip(batch.domain, batch.index)])
-    Path(out_dir, f"rank{layout.rank}.json").write_text(json.dumps({
-        "rank": layout.rank, "dp_rank": layout.dp_rank, "tp_rank": layout.tp_rank,
-        "pp_rank": layout.pp_rank, "batches": seen}))
+    for case in json.loads(Path(sys.argv[1]).read_text()):
+        cfg = load_config(case["config"], case["overrides"])
+        layout = start_processes(cfg)
+        batches = replica_batches(cfg, layout)
+        seen = []
+        for _ in range(int(case["steps"])):
+            batch = next(batches)
+            seen.append([[int(d), int(i)] for d, i in zip(batch.domain, batch.index)])
+        batches.close()
+        Path(case["out"]).mkdir(parents=True, exist_ok=True)
+        Path(case["out"], f"rank{layout.rank}.json").write_text(json.dumps({
+            "rank": layout.rank, "dp_rank": layout.dp_rank, "tp_rank": layout.tp_rank,
+            "pp_rank": layout.pp_rank, "batches": seen}))
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
     shutdown()
 
 
