@@ -349,28 +349,46 @@ def world_size_of(overrides: list[str]) -> int:
     return sizes["tensor"] * sizes["pipeline"] * sizes["data"]
 
 
-@pytest.fixture(scope="session")
-def layout_runs(tiny_train_config, tmp_path_factory) -> dict[str, Path]:
-    """The run directory of every case of :func:`layout_cases`, trained once per session by heft's
-    own training loop: one torchrun job per world size runs all its cases one after another
-    (tests/workers/train_cases.py), 3 launches instead of 31."""
-    root = tmp_path_factory.mktemp("layout-runs")
-    by_world: dict[int, list[dict]] = {}
-    run_dirs = {}
-    for name, overrides in layout_cases().items():
-        run_dirs[name] = root / name.replace("/", "-")
-        by_world.setdefault(world_size_of(overrides), []).append(
-            {"name": name, "config": str(tiny_train_config),
-             "overrides": [f"train.run_dir={run_dirs[name]}", *overrides]})
-    for world, cases in sorted(by_world.items()):
-        listing = root / f"cases-{world}.json"
-        listing.write_text(json.dumps(cases, indent=1))
+class _RunsByWorldSize(dict):
+    """name -> run directory; the first look-up of a case trains every case of its world size in one
+    torchrun job (so a test that needs one run, `pytest -k ...`, waits for its world size only)."""
+
+    def __init__(self, root: Path, config: Path):
+        super().__init__()
+        self._cases: dict[int, list[dict]] = {}
+        self._world_of: dict[str, int] = {}
+        self._root = root
+        for name, overrides in layout_cases().items():
+            run_dir = root / name.replace("/", "-")
+            world = world_size_of(overrides)
+            self._world_of[name] = world
+            self._cases.setdefault(world, []).append(
+                {"name": name, "config": str(config), "overrides": [f"train.run_dir={run_dir}", *overrides]})
+        self._trained: set[int] = set()
+
+    def __getitem__(self, name: str) -> Path:
+        world = self._world_of[name]  # a KeyError names an unknown case
+        if world not in self._trained:
+            self._train(world)
+        return self._root / name.replace("/", "-")
+
+    def _train(self, world: int) -> None:
+        listing = self._root / f"cases-{world}.json"
+        listing.write_text(json.dumps(self._cases[world], indent=1))
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc-per-node={world}", str(REPO / "tests" / "workers" / "train_cases.py"),
                                str(listing)], env=heft_env(), capture_output=True, text=True, timeout=900,
                               stdin=subprocess.DEVNULL)
         assert proc.returncode == 0, f"the {world}-process layout runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return run_dirs
+        self._trained.add(world)
+
+
+@pytest.fixture(scope="session")
+def layout_runs(tiny_train_config, tmp_path_factory) -> dict[str, Path]:
+    """The run directory of every case of :func:`layout_cases`, trained once per session by heft's
+    own training loop: one torchrun job per world size runs all its cases one after another
+    (tests/workers/train_cases.py), 3 launches instead of 31, each on first use."""
+    return _RunsByWorldSize(tmp_path_factory.mktemp("layout-runs"), tiny_train_config)
 
 
 def wait_for_step(proc, run_dir: Path, step: int, limit: float = 180) -> None:

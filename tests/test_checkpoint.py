@@ -155,7 +155,8 @@ def test_kill_9_of_a_worker_then_the_same_command_finishes_equal(tiny_train_conf
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_launcher_makes_its_workers_save_and_end_then_the_same_command_resumes(tiny_train_config, tmp_path):
+def test_kill_9_of_the_launcher_makes_its_workers_save_and_end_then_the_same_command_resumes(tiny_train_config, tmp_path,
+                                                                                           record_property):
     """The workers of a SIGKILLed `heft train` trained on alone, into a directory a rerun then
     shared (issue 22, item 2): now they save, end within seconds, and the same command resumes."""
     import psutil
@@ -174,6 +175,7 @@ def test_kill_9_of_the_launcher_makes_its_workers_save_and_end_then_the_same_com
     for worker in alive:
         worker.kill()
     _, err = proc.communicate(timeout=60)
+    record_property("ended_after_s", round(ended_after, 2))  # docs/testing.md: the measured spread
     assert not alive and ended_after < 20, (ended_after, err[-3000:])
     assert "is gone; saving and stopping" in err, err[-3000:]
     saved = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
@@ -186,7 +188,8 @@ def test_kill_9_of_the_launcher_makes_its_workers_save_and_end_then_the_same_com
 
 
 @pytest.mark.slow
-def test_sigusr1_on_one_rank_saves_and_exits_75_then_resumes_equal(tiny_train_config, tmp_path, dp2_straight):
+def test_sigusr1_on_one_rank_saves_and_exits_75_then_resumes_equal(tiny_train_config, tmp_path, dp2_straight,
+                                                                  record_property):
     layout = ["parallel.data=2", "checkpoint.interval=0"]
     run_dir = tmp_path / "preempted"
     command = [HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "train.steps=40",
@@ -202,6 +205,7 @@ def test_sigusr1_on_one_rank_saves_and_exits_75_then_resumes_equal(tiny_train_co
     saved = [line for line in out.splitlines() if "SIGUSR1 received: saved" in line]
     assert len(saved) == 1, out
     step = int(saved[0].split(" at step ")[1].split(";")[0])
+    record_property("steps_after_signal", step - signalled_after)  # docs/testing.md: the measured spread
     assert signalled_after <= step <= signalled_after + 2  # at the next step boundary
     assert (run_dir / "checkpoints" / f"step_{step}" / "heft" / "state.json").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{step}"

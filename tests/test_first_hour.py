@@ -144,7 +144,7 @@ def test_reusing_a_run_dir_without_checkpoint_is_refused(tiny_train_config, tmp_
 # --- no hangs, no silent damage --------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_stopped_rank_becomes_an_error_naming_it(tiny_train_config, tmp_path):
+def test_a_stopped_rank_becomes_an_error_naming_it(tiny_train_config, tmp_path, record_property):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [HEFT, "train", str(tiny_train_config), f"train.run_dir={run_dir}", "parallel.data=2",
@@ -167,7 +167,11 @@ def test_a_stopped_rank_becomes_an_error_naming_it(tiny_train_config, tmp_path):
     assert proc.returncode == 1, err[-3000:]
     assert "did not finish within train.step_timeout_s=8 s" in err and "rank(s) 1 stopped responding" in err, err
     assert len(err.strip().splitlines()) <= 2, err
-    assert elapsed < 60
+    # About 40 s on 2 cores (docs/testing.md has the measured spread): the 8 s step timeout, then
+    # torch's agent gives the stopped rank 30 s to end after SIGTERM before it sends SIGKILL. The
+    # bound is against a hang (the collective timeout defaults to 600 s), with room for a busy machine.
+    record_property("elapsed_s", round(elapsed, 1))
+    assert elapsed < 90, elapsed
 
 
 def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_holder(tiny_train_config, tmp_path):
@@ -201,7 +205,7 @@ def _catches_sigint(pid: int) -> bool:
     return bool(int(caught.split()[1], 16) & (1 << (signal.SIGINT - 1)))
 
 
-def test_ctrl_c_during_start_up_ends_workers_at_once(tiny_train_config, tmp_path):
+def test_ctrl_c_during_start_up_ends_workers_at_once(tiny_train_config, tmp_path, record_property):
     """Start-up waits inside C++ (the rendezvous, process-group set-up) where KeyboardInterrupt is
     never raised; torchrun's agent then killed such a worker after 30 s (3 of 7 Ctrl-Cs about 8 s
     into a 2-rank start). Until it trains, a worker dies of SIGINT at once; then it stops cleanly."""
@@ -228,7 +232,9 @@ def test_ctrl_c_during_start_up_ends_workers_at_once(tiny_train_config, tmp_path
         os.killpg(proc.pid, signal.SIGINT)
         started = time.monotonic()
         _, err = proc.communicate(timeout=60)
-        assert time.monotonic() - started < 10
+        ended_after = time.monotonic() - started
+        record_property("ended_after_s", round(ended_after, 2))  # docs/testing.md: the measured spread
+        assert ended_after < 10  # torchrun's agent used to take 30 s
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
