@@ -210,6 +210,17 @@ optim: {{lr: 3.0e-3, warmup_steps: 0}}
     return path
 
 
+def run_cases_in_one_job(worker: str, cases: list[dict], world: int, listing: Path) -> None:
+    """Run tests/workers/``worker`` under torchrun with ``world`` processes on the cases listed
+    (written to ``listing`` as JSON); fails the test with the job's output if it fails."""
+    listing.write_text(json.dumps(cases, indent=1))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                           str(REPO / "tests" / "workers" / worker), str(listing)], env=heft_env(),
+                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{worker} on {world} processes failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+SCHEDULE = ["mixture.controller=schedule", "mixture.schedule=[{step: 1, code: 1}, {step: 6, docs: 1, legal: 1}]"]
 DUMP_CASES = {
     # test_data.py: replicas get disjoint samples, the ranks of a replica the same ones
     "replicas/tp2_dp2": (["parallel.tensor=2", "parallel.data=2"], 20),
@@ -217,10 +228,8 @@ DUMP_CASES = {
     # test_data.py: the static proportions hold over 150 steps
     "proportions/dp2": (["parallel.data=2"], 150),
     # test_mixture.py: a scheduled mixture draws the same global batches under DP4 and TP2 x DP2
-    "schedule/dp4": (["parallel.data=4", "mixture.controller=schedule",
-                      "mixture.schedule=[{step: 1, code: 1}, {step: 6, docs: 1, legal: 1}]"], 8),
-    "schedule/tp2_dp2": (["parallel.tensor=2", "parallel.data=2", "mixture.controller=schedule",
-                          "mixture.schedule=[{step: 1, code: 1}, {step: 6, docs: 1, legal: 1}]"], 8),
+    "schedule/dp4": (["parallel.data=4", *SCHEDULE], 8),
+    "schedule/tp2_dp2": (["parallel.tensor=2", "parallel.data=2", *SCHEDULE], 8),
 }
 
 
@@ -238,12 +247,7 @@ def batch_dumps(tiny_train_config, tmp_path_factory) -> dict[str, list[dict]]:
             {"name": name, "out": str(outs[name]), "steps": steps, "config": str(tiny_train_config),
              "overrides": overrides})
     for world, cases in sorted(by_world.items()):
-        listing = root / f"cases-{world}.json"
-        listing.write_text(json.dumps(cases, indent=1))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               str(REPO / "tests" / "workers" / "dump_batches.py"), str(listing)]
-        proc = subprocess.run(cmd, env=heft_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        run_cases_in_one_job("dump_batches.py", cases, world, root / f"cases-{world}.json")
     return {name: [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))] for name, out in outs.items()}
 
 
@@ -373,13 +377,7 @@ class _RunsByWorldSize(dict):
         return self._root / name.replace("/", "-")
 
     def _train(self, world: int) -> None:
-        listing = self._root / f"cases-{world}.json"
-        listing.write_text(json.dumps(self._cases[world], indent=1))
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc-per-node={world}", str(REPO / "tests" / "workers" / "train_cases.py"),
-                               str(listing)], env=heft_env(), capture_output=True, text=True, timeout=900,
-                              stdin=subprocess.DEVNULL)
-        assert proc.returncode == 0, f"the {world}-process layout runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        run_cases_in_one_job("train_cases.py", self._cases[world], world, self._root / f"cases-{world}.json")
         self._trained.add(world)
 
 
