@@ -217,6 +217,7 @@ def run_cases_in_one_job(worker: str, cases: list[dict], world: int, listing: Pa
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                            str(REPO / "tests" / "workers" / worker), str(listing)], env=heft_env(),
                           capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    listing.with_suffix(".log").write_text(proc.stdout + proc.stderr)  # each case's time, for a slow run
     assert proc.returncode == 0, f"{worker} on {world} processes failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 

@@ -32,6 +32,12 @@ from heft.launcher.launch import known_warnings, rendezvous_names, reporting
 
 WORKER_MODULE = "heft.launcher.worker"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Once a worker has reported a failure, the workers still running this many seconds later are
+# SIGKILLed. torch's agent waits 30 s after its SIGTERM (a fixed default of its process context),
+# but a rank still running then is stuck: in a collective with the failed rank, or stopped. A
+# failure leaves nothing the ranks could save together, and a checkpoint is committed before any
+# rank exits (the save's last barrier), so a longer wait only delays the error line.
+WORKER_STOP_GRACE_S = 10
 
 
 def _watch_stop_file(path: Path, finished: threading.Event, poll_s: float = 1.0) -> None:
@@ -39,6 +45,21 @@ def _watch_stop_file(path: Path, finished: threading.Event, poll_s: float = 1.0)
     while not finished.wait(poll_s):
         if path.exists() and _forward(signal.SIGUSR1, None):  # none yet: they are starting
             print(f"heft: {path} found: asking the run to save and stop", file=sys.stderr, flush=True)
+            return
+
+
+def _end_stuck_workers(report_dir: str, finished: threading.Event, poll_s: float = 0.5) -> None:
+    """Until ``finished``: once a worker has written a failure report, SIGKILL this node's workers
+    still running WORKER_STOP_GRACE_S later (see the constant). The report names the cause; the
+    ranks killed here come after it, so the failure summary leaves them out."""
+    while not finished.wait(poll_s):
+        if reporting.read_reports(report_dir):
+            if not finished.wait(WORKER_STOP_GRACE_S):
+                for worker in _worker_processes():
+                    try:
+                        worker.kill()
+                    except Exception:
+                        pass
             return
 
 
@@ -163,6 +184,7 @@ def run_workers(torchrun_args: list[str], world_size: int, verbose: bool = False
     finished = threading.Event()
     if stop_path is not None:
         threading.Thread(target=_watch_stop_file, args=(stop_path, finished), daemon=True).start()
+    threading.Thread(target=_end_stuck_workers, args=(report_dir, finished), daemon=True).start()
     try:
         run(parser.parse_args(torchrun_args))
         return reporting.EXIT_OK

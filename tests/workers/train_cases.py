@@ -15,6 +15,7 @@ destroy the default group too, which torchrun's store does not let a process cre
 
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -43,8 +44,9 @@ def main():
     parallel.shutdown = keep_the_process_group
     try:
         for case in cases:
-            print(f"=== case {case['name']}", flush=True)
+            started = time.perf_counter()
             train(load_config(case["config"], case["overrides"]))
+            print(f"=== case {case['name']}: {time.perf_counter() - started:.1f} s", flush=True)
     finally:
         parallel.shutdown = close_all
     close_all()
