@@ -175,17 +175,15 @@ def test_eval_and_export_refuse_what_is_not_a_checkpoint(tmp_path):
 
 
 LM_EVAL_SCRIPT = """
-import json, os, sys
+import json, sys
 import lm_eval
 from lm_eval.tasks import TaskManager
 import heft.launcher.lm_eval_model  # registers the model 'heft'
-tasks, heft_ckpt, export = sys.argv[1:4]
-out = {}
-for model, args in [("heft", "checkpoint=" + heft_ckpt), ("hf", "pretrained=" + export + ",dtype=float32")]:
-    r = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["heft_mc", "heft_ppl"],
-                                task_manager=TaskManager(include_path=tasks), device="cpu", batch_size=1)
-    out[model] = r["results"]
-print("RESULTS " + json.dumps(out))
+tasks, model, args = sys.argv[1:4]
+r = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["heft_mc", "heft_ppl"],
+                            task_manager=TaskManager(include_path=tasks, include_defaults=False),
+                            device="cpu", batch_size=1)
+print("RESULTS " + json.dumps(r["results"]))
 """
 
 
@@ -218,13 +216,38 @@ def _local_tasks(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_lm_eval_scores_heft_checkpoint_as_its_hf_export(tied_run, tied_export, tmp_path):
-    export = tied_export
     env = {**heft_env(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    proc = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(_local_tasks(tmp_path / "tasks")),
-                           str(tied_run), str(export)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.split("RESULTS ", 1)[1])
+    tasks = _local_tasks(tmp_path / "tasks")
+
+    def start(*args):
+        return subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+    # Four independent lm-eval processes, side by side: each spends most of its time importing
+    # lm-eval, transformers and torch on one core.
+    heft_scores = start("-c", LM_EVAL_SCRIPT, str(tasks), "heft", f"checkpoint={tied_run}")
+    hf_scores = start("-c", LM_EVAL_SCRIPT, str(tasks), "hf", f"pretrained={tied_export},dtype=float32")
+    # The command line: lm-eval's own, with the model 'heft' registered.
+    command_line = start("-m", "heft.launcher.cli", "lm-eval", "--model", "heft", "--model_args",
+                         f"checkpoint={tied_run}", "--tasks", "heft_mc", "--include_path", str(tasks), "--limit", "3")
+    # A task whose dataset cannot be fetched: one line naming it (a traceback before; issue 22, item 14).
+    unfetchable = start("-m", "heft.launcher.cli", "lm-eval", "--model", "heft", "--model_args",
+                        f"checkpoint={tied_run}", "--tasks", "hellaswag", "--limit", "3")
+    outputs = {}
+    try:
+        for name, proc in (("heft", heft_scores), ("hf", hf_scores), ("command_line", command_line),
+                           ("unfetchable", unfetchable)):
+            outputs[name] = (proc, *proc.communicate(timeout=600))
+    finally:
+        for proc in (heft_scores, hf_scores, command_line, unfetchable):
+            if proc.poll() is None:
+                proc.kill()
+
+    results = {}
+    for model in ("heft", "hf"):
+        proc, out, err = outputs[model]
+        assert proc.returncode == 0, err[-4000:]
+        results[model] = json.loads(out.split("RESULTS ", 1)[1])
     for task, metrics in (("heft_mc", ("acc,none", "acc_norm,none")),
                           ("heft_ppl", ("word_perplexity,none", "bits_per_byte,none"))):
         for metric in metrics:
@@ -232,22 +255,15 @@ def test_lm_eval_scores_heft_checkpoint_as_its_hf_export(tied_run, tied_export, 
             assert score == pytest.approx(results["hf"][task][metric], rel=1e-4), (task, metric)
     assert 0 <= results["heft"]["heft_mc"]["acc,none"] <= 1
     assert results["heft"]["heft_ppl"]["bits_per_byte,none"] > 0
-    # The command line: lm-eval's own, with the model 'heft' registered.
-    proc = subprocess.run([sys.executable, "-m", "heft.launcher.cli", "lm-eval", "--model", "heft",
-                           "--model_args", f"checkpoint={tied_run}", "--tasks", "heft_mc",
-                           "--include_path", str(tmp_path / "tasks"), "--limit", "3"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "heft_mc" in proc.stdout and "acc" in proc.stdout
-    # A task whose dataset cannot be fetched: one line naming it (a traceback before; issue 22, item 14).
-    proc = subprocess.run([sys.executable, "-m", "heft.launcher.cli", "lm-eval", "--model", "heft",
-                           "--model_args", f"checkpoint={tied_run}", "--tasks", "hellaswag", "--limit", "3"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
-        "heft: error: lm-eval could not load the data of hellaswag"), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+
+    proc, out, err = outputs["command_line"]
+    assert proc.returncode == 0, err[-3000:]
+    assert "heft_mc" in out and "acc" in out
+
+    proc, out, err = outputs["unfetchable"]
+    assert proc.returncode == 2 and err.strip().splitlines()[-1].startswith(
+        "heft: error: lm-eval could not load the data of hellaswag"), err[-3000:]
+    assert "Traceback" not in err
 
 
 def _random_hf_llama(directory: Path, tie: bool) -> None:
