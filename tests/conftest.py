@@ -301,7 +301,8 @@ def layout_cases() -> dict[str, list[str]]:
     cases.update({f"reweight/global/{name}": [*REWEIGHT, *layout] for name, layout in REWEIGHT_GLOBAL_LAYOUTS.items()})
     cases.update({f"reweight/microbatch/{name}": [*REWEIGHT, "reweight.scope=microbatch", *layout]
                   for name, layout in REWEIGHT_MICROBATCH_LAYOUTS.items()})
-    cases.update({f"eval/{name}": ["train.steps=2", "train.eval_interval=1", *layout]
+    # Micro batch 4: half the evaluation's microbatches (pipeline and TP messages) of micro batch 2.
+    cases.update({f"eval/{name}": ["train.steps=2", "train.eval_interval=1", "train.micro_batch_size=4", *layout]
                   for name, layout in EVAL_LAYOUTS.items()})
     cases.update({f"precision/{name}": ["parallel.tensor=2", "parallel.data=1", *extra]
                   for name, extra in PRECISION_RUNS.items()})
@@ -332,7 +333,8 @@ REFERENCE_RUNS = {
     "checkpoint/dp2_tensorboard_5_steps": ["train.steps=5", "checkpoint.interval=3", *CHECKPOINT_REWEIGHT,
                                            "parallel.data=2", "train.tensorboard=true"],
     # test_hf.py: tied embeddings, GQA (4 heads, 2 groups), byte tokenizer; evaluated at the end
-    "hf/tied": ["model.seq_length=64", *TP2_PP2, "train.steps=2", "train.eval_at_end=true"],
+    # (micro batch 4: half the evaluation's microbatches)
+    "hf/tied": ["model.seq_length=64", *TP2_PP2, "train.steps=2", "train.eval_at_end=true", "train.micro_batch_size=4"],
     # test_mixture.py: online ODM weights changing every 2 steps, under TP2 x DP2
     "mixture/odm_tp2_dp2": ["parallel.tensor=2", "parallel.data=2", "train.steps=8", "mixture.controller=odm",
                             "mixture.update_interval=2", "mixture.min_weight=0.05",
