@@ -88,6 +88,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 # are what heft's dataset registration lock is for (data/shm.py).
 
 SHARE = ["--mem", "2G"]
+TIMED_STEPS = 480
 
 
 def _first_end(run_dir: Path) -> dict | None:
@@ -137,13 +138,15 @@ def cluster_jobs(slurm_cluster, slurm_config, tmp_path_factory) -> dict:
         jobs["preemption"])).start()
     # A 2-minute limit, told to stop 85 s before it. slurmctld looks at time limits every 30 s and
     # signals at the first look past 30 s before the due time (35 s in): so 5-35 s into the job
-    # (measured here: 26.6 s whatever the grace: the looks' phase), while start-up and 240 steps
-    # take ~60 s alone and longer beside another job. (Told to stop 75 s before, the signal once
-    # came after a 100-step run's last step on CI: that run was complete, and such a run now ends
-    # as finished.)
+    # (measured here: 26.6 s whatever the grace: the looks' phase). One process per node (DP2
+    # across the nodes: ~100 ms a step alone, against ~300 ms for TP2 x DP2's four processes on 2
+    # cores), 480 steps: start-up and the steps take ~60 s alone and longer beside another job,
+    # while the requeued run, which trains most of them, costs half of what 240 TP2 x DP2 steps did.
+    # (Told to stop 75 s before, the signal once came after a 100-step TP2 x DP2 run's last step on
+    # CI: that run was complete, and such a run now ends as finished.)
     timed = root / "timed"
-    jobs["timed"] = (timed, submit([str(slurm_config), f"train.run_dir={timed}", "train.steps=240",
-                                    "--nodes", "2", "--time", "2", "--grace", "85", *SHARE]))
+    jobs["timed"] = (timed, submit([str(slurm_config), f"train.run_dir={timed}", f"train.steps={TIMED_STEPS}",
+                                    "parallel.tensor=1", "--nodes", "2", "--time", "2", "--grace", "85", *SHARE]))
     # Each run of a job gets the same limit; once the first run has stopped, give the requeued one
     # room to finish (an operator would raise the limit, or let it take a few more rounds, each
     # resuming where the last saved).
@@ -152,7 +155,7 @@ def cluster_jobs(slurm_cluster, slurm_config, tmp_path_factory) -> dict:
         lambda: _first_end(timed) is not None, ["scontrol", "update", f"JobId={jobs['timed'][1]}", "TimeLimit=10"],
         jobs["limit_raised"])).start()
     jobs["nan"] = (root / "nan", submit([str(slurm_config), f"train.run_dir={root / 'nan'}", "optim.lr=1e30",
-                                         "train.steps=8", *two_nodes]))
+                                         "train.steps=8", "parallel.tensor=1", *two_nodes]))
     first = subprocess.run(["sbatch", "--parsable", "--mem=100M", f"--output={root / 'first.out'}", "--wrap", "sleep 3"],
                            capture_output=True, text=True, check=True).stdout.strip()
     sweep = root / "sweep.txt"
@@ -210,9 +213,9 @@ def test_time_limit_checkpoints_before_the_kill_and_the_requeued_job_finishes(cl
     assert cluster_jobs["limit_raised"].get("done"), cluster_jobs["limit_raised"]
     first_end = _first_end(run_dir)
     assert first_end["action"] == "requeue" and first_end["status"] == 75, first_end
-    assert 1 <= first_end["checkpoint_step"] < 240, first_end
+    assert 1 <= first_end["checkpoint_step"] < TIMED_STEPS, first_end
     assert [e["event"] for e in events] == ["start", "end", "start", "end"], events
-    assert events[-1]["status"] == 0 and read_metrics(run_dir)[-1]["step"] == 240
+    assert events[-1]["status"] == 0 and read_metrics(run_dir)[-1]["step"] == TIMED_STEPS
     err = "\n".join(p.read_text() for p in (run_dir / "slurm").glob("*.err"))
     assert "stop signal (USR1) for job" in err and "Traceback" not in err
     assert job_state(job) == "COMPLETED"
