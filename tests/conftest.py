@@ -116,6 +116,16 @@ def run_heft(args: list[str], timeout: int = 300, check: bool = True) -> subproc
     return proc
 
 
+def run_heft_side_by_side(commands: list[list[str]], timeout: int = 300,
+                          check: bool = True) -> list[subprocess.CompletedProcess]:
+    """:func:`run_heft` on each command at once (for commands that do not depend on each other:
+    most of a short `heft` command is one core importing torch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: run_heft(args, timeout=timeout, check=check), commands))
+
+
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     """Training records (kind='train') or evaluation records (kind='eval') of a run."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, heft_env, read_metrics, run_heft
+from conftest import REPO, heft_env, read_metrics, run_heft, run_heft_side_by_side
 
 LOGIT_TOLERANCE = 1e-4  # fp32, as the issue states; measured differences are ~3e-7
 
@@ -149,7 +149,9 @@ def test_generate_matches_transformers_greedy(tied_run, tied_export, in_process_
 @pytest.mark.slow
 def test_eval_under_another_layout_reproduces_training_eval(tied_run):
     trained = read_metrics(tied_run, "eval")[-1]  # TP2xPP2, 4 processes
-    proc = run_heft(["eval", str(tied_run)])  # one process
+    # One process each, side by side: the whole val split, and capped (checked below).
+    proc, capped = run_heft_side_by_side([["eval", str(tied_run)],
+                                          ["eval", str(tied_run), "--max-batches", "1", "--micro-batch-size", "2"]])
     assert "overall (token-weighted)" in proc.stdout
     results = json.loads((tied_run / "checkpoints" / "step_2.eval.json").read_text())
     assert results["layout"]["world_size"] == 1
@@ -158,7 +160,6 @@ def test_eval_under_another_layout_reproduces_training_eval(tied_run):
         assert entry["loss"] == pytest.approx(trained[f"eval_{name}_loss"], rel=1e-5)
         assert entry["perplexity"] == pytest.approx(torch.tensor(entry["loss"]).exp().item(), rel=1e-6)
     # Capped: every domain, each cut short, and said so (the first domain alone before; issue 22, item 5).
-    capped = run_heft(["eval", str(tied_run), "--max-batches", "1", "--micro-batch-size", "2"])
     assert "capped at 1 microbatch(es) of each domain per replica" in capped.stdout
     short = json.loads((tied_run / "checkpoints" / "step_2.eval-max1.json").read_text())
     assert set(short["domains"]) == set(results["domains"])
@@ -166,9 +167,8 @@ def test_eval_under_another_layout_reproduces_training_eval(tied_run):
 
 
 def test_eval_and_export_refuse_what_is_not_a_checkpoint(tmp_path):
-    for command in (["eval", str(tmp_path)], ["export-hf", str(tmp_path), str(tmp_path / "out")],
-                    ["generate", str(tmp_path / "missing"), "--prompt", "x"]):
-        proc = run_heft(command, check=False)
+    for proc in run_heft_side_by_side([["eval", str(tmp_path)], ["export-hf", str(tmp_path), str(tmp_path / "out")],
+                                       ["generate", str(tmp_path / "missing"), "--prompt", "x"]], check=False):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and "heft: error:" in proc.stderr
     assert not (tmp_path / "out").exists()
