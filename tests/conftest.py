@@ -236,8 +236,8 @@ DUMP_CASES = {
     # test_data.py: replicas get disjoint samples, the ranks of a replica the same ones
     "replicas/tp2_dp2": (["parallel.tensor=2", "parallel.data=2"], 20),
     "replicas/pp2_dp2": (["parallel.pipeline=2", "parallel.data=2"], 20),
-    # test_data.py: the static proportions hold over 150 steps
-    "proportions/dp2": (["parallel.data=2"], 150),
+    # test_data.py: the static proportions hold over 150 steps (of 4 replicas: one job with the cases above)
+    "proportions/dp4": (["parallel.data=4"], 150),
     # test_mixture.py: a scheduled mixture draws the same global batches under DP4 and TP2 x DP2
     "schedule/dp4": (["parallel.data=4", *SCHEDULE], 8),
     "schedule/tp2_dp2": (["parallel.tensor=2", "parallel.data=2", *SCHEDULE], 8),
@@ -290,6 +290,7 @@ REWEIGHT_MICROBATCH_LAYOUTS = {
     "tp2_dp2": ["parallel.tensor=2", "parallel.data=2"],
     "pp2_dp2": ["parallel.pipeline=2", "parallel.data=2"],
 }
+EVAL_BATCH = ["train.global_batch_size=16", "train.micro_batch_size=8"]
 EVAL_LAYOUTS = {
     "single": ["parallel.data=1"],
     "tp2_pp2": ["parallel.tensor=2", "parallel.pipeline=2", "parallel.data=1"],
@@ -311,8 +312,9 @@ def layout_cases() -> dict[str, list[str]]:
     cases.update({f"reweight/global/{name}": [*REWEIGHT, *layout] for name, layout in REWEIGHT_GLOBAL_LAYOUTS.items()})
     cases.update({f"reweight/microbatch/{name}": [*REWEIGHT, "reweight.scope=microbatch", *layout]
                   for name, layout in REWEIGHT_MICROBATCH_LAYOUTS.items()})
-    # Micro batch 4: half the evaluation's microbatches (pipeline and TP messages) of micro batch 2.
-    cases.update({f"eval/{name}": ["train.steps=2", "train.eval_interval=1", "train.micro_batch_size=4", *layout]
+    # Micro batch 8 (global batch 16, so that DP2 can have it): a quarter of the evaluation's
+    # microbatches, pipeline and TP messages of micro batch 2.
+    cases.update({f"eval/{name}": ["train.steps=2", "train.eval_interval=1", *EVAL_BATCH, *layout]
                   for name, layout in EVAL_LAYOUTS.items()})
     cases.update({f"precision/{name}": ["parallel.tensor=2", "parallel.data=1", *extra]
                   for name, extra in PRECISION_RUNS.items()})
@@ -343,12 +345,14 @@ REFERENCE_RUNS = {
     "checkpoint/dp2_tensorboard_5_steps": ["train.steps=5", "checkpoint.interval=3", *CHECKPOINT_REWEIGHT,
                                            "parallel.data=2", "train.tensorboard=true"],
     # test_hf.py: tied embeddings, GQA (4 heads, 2 groups), byte tokenizer; evaluated at the end
-    # (micro batch 4: half the evaluation's microbatches)
-    "hf/tied": ["model.seq_length=64", *TP2_PP2, "train.steps=2", "train.eval_at_end=true", "train.micro_batch_size=4"],
+    # (micro batch 8: a quarter of the evaluation's microbatches)
+    "hf/tied": ["model.seq_length=64", *TP2_PP2, "train.steps=2", "train.eval_at_end=true", *EVAL_BATCH],
     # test_mixture.py: online ODM weights changing every 2 steps, under TP2 x DP2
     "mixture/odm_tp2_dp2": ["parallel.tensor=2", "parallel.data=2", "train.steps=8", "mixture.controller=odm",
                             "mixture.update_interval=2", "mixture.min_weight=0.05",
                             "reweight.log_sample_weights=true", "checkpoint.interval=0"],
+    # test_multinode.py: what two launchers of one process each must equal
+    "multinode/dp2_4_steps": ["parallel.data=2", "train.steps=4", "reweight.strategy=linupper"],
     # test_train.py, test_reweighting_telemetry.py
     "train/dp2_tensorboard": ["train.tensorboard=true", "parallel.data=2"],
     "telemetry/linupper_dp2": ["train.tensorboard=true", "train.steps=4", "parallel.data=2",
@@ -370,12 +374,12 @@ class _RunsByWorldSize(dict):
     """name -> run directory; the first look-up of a case trains every case of its world size in one
     torchrun job (so a test that needs one run, `pytest -k ...`, waits for its world size only)."""
 
-    def __init__(self, root: Path, config: Path):
+    def __init__(self, root: Path, config: Path, extra_cases: dict[str, list[str]]):
         super().__init__()
         self._cases: dict[int, list[dict]] = {}
         self._world_of: dict[str, int] = {}
         self._root = root
-        for name, overrides in layout_cases().items():
+        for name, overrides in {**layout_cases(), **extra_cases}.items():
             run_dir = root / name.replace("/", "-")
             world = world_size_of(overrides)
             self._world_of[name] = world
@@ -395,11 +399,26 @@ class _RunsByWorldSize(dict):
 
 
 @pytest.fixture(scope="session")
-def layout_runs(tiny_train_config, tmp_path_factory) -> dict[str, Path]:
+def bpe_corpus(tmp_path_factory) -> Path:
+    """A small corpus with a trained BPE tokenizer (vocabulary 400), prepared once per session."""
+    from heft.data.demo_corpus import demo_documents
+    from heft.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("bpe_corpus") / "data"
+    prepare(demo_documents({"code": 120_000, "docs": 60_000, "legal": 60_000}), out, tokenizer="bpe",
+            seq_length=64, bpe_vocab_size=400)
+    return out
+
+
+@pytest.fixture(scope="session")
+def layout_runs(tiny_train_config, bpe_corpus, tmp_path_factory) -> dict[str, Path]:
     """The run directory of every case of :func:`layout_cases`, trained once per session by heft's
     own training loop: one torchrun job per world size runs all its cases one after another
-    (tests/workers/train_cases.py), 3 launches instead of 31, each on first use."""
-    return _RunsByWorldSize(tmp_path_factory.mktemp("layout-runs"), tiny_train_config)
+    (tests/workers/train_cases.py), 3 launches instead of 32, each on first use. Also test_hf's
+    untied run on the BPE corpus (its data path is known only here)."""
+    untied_bpe = ["model.seq_length=64", *TP2_PP2, "train.steps=1", "model.tie_embeddings=false",
+                  f"data.path={bpe_corpus}"]
+    return _RunsByWorldSize(tmp_path_factory.mktemp("layout-runs"), tiny_train_config, {"hf/untied_bpe": untied_bpe})
 
 
 def wait_for_step(proc, run_dir: Path, step: int, limit: float = 180) -> None:

@@ -39,5 +39,11 @@ def test_run_all_quick_prints_one_table_and_json(tmp_path):
             assert math.isfinite(r["value"]), r
         else:
             assert isinstance(r["value"], float) and math.isfinite(r["value"]) and r["value"] > 0, r
+    # `heft plan`'s memory estimate against the measured peak of real training steps in a fresh
+    # process (memory_plan.py's local_fp32 case): the resident memory they add is a real model,
+    # optimizer and activations, and the estimate is within 15% of it.
+    memory = {r["metric"]: r["value"] for r in rows if r["benchmark"] == "heft plan memory"}
+    assert memory["measured MiB"] > 300
+    assert abs(memory["error"]) <= 0.15, memory
     assert "heft / bare" in done.stdout  # the table itself
     assert "MFU = tokens/s x FLOPs per token" in done.stdout  # the formula the CUDA rows use

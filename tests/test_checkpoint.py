@@ -47,23 +47,33 @@ def tp2_pp2_straight(layout_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, layout", [
-    ("tp2_pp2_global", TP2_PP2),
-    ("pp2_vpp2_dp2_microbatch", ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.data=2",
-                                 "reweight.scope=microbatch"]),
-])
-def test_resumed_run_equals_the_uninterrupted_run(name, layout, tiny_train_config, tmp_path, layout_runs):
-    straight = layout_runs["checkpoint/tp2_pp2" if name == "tp2_pp2_global" else f"checkpoint/{name}"]
+def test_resumed_run_equals_the_uninterrupted_run(tiny_train_config, tmp_path, tp2_pp2_straight):
+    """Stopped at step 3 of 6 under TP2 x PP2 (global reweighting), the same command resumes."""
     resumed = tmp_path / "resumed"
-    first = _train(tiny_train_config, resumed, 6, *layout, "train.stop_at_step=3")
+    first = _train(tiny_train_config, resumed, 6, *TP2_PP2, "train.stop_at_step=3")
     assert "stopped at step 3 of 6" in first.stdout
-    proc = _train(tiny_train_config, resumed, 6, *layout)  # the same command: resumes
+    proc = _train(tiny_train_config, resumed, 6, *TP2_PP2)  # the same command: resumes
     assert f"resuming from {resumed / 'checkpoints' / 'step_3'}" in proc.stdout
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4, 5, 6]  # no duplicates
     # fp32 on CPU: bitwise equal losses and gradient norms at every step after the resume, so the
     # weights, optimizer moments, LR, data position and lagged statistics were all restored.
-    _assert_same_steps(_losses(resumed), _losses(straight), range(1, 7))
+    _assert_same_steps(_losses(resumed), _losses(tp2_pp2_straight), range(1, 7))
     state = json.loads((resumed / "checkpoints" / "step_6" / "heft" / "state.json").read_text())
+    assert state["step"] == 6 and state["consumed_samples"] == 48
+
+
+@pytest.mark.slow
+def test_interleaved_pipeline_with_microbatch_reweighting_continues_bitwise(tiny_train_config, tmp_path, layout_runs):
+    """PP2 x VPP2 x DP2 with per-microbatch reweighting: its uninterrupted run's step-3 checkpoint,
+    continued by a new run (``checkpoint.load``), gives that run's steps 4-6 bitwise."""
+    layout = ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.data=2", "reweight.scope=microbatch"]
+    straight = layout_runs["checkpoint/pp2_vpp2_dp2_microbatch"]
+    run_dir = tmp_path / "continued"
+    proc = _train(tiny_train_config, run_dir, 6, *layout, f"checkpoint.load={straight / 'checkpoints' / 'step_3'}")
+    assert f"resuming from {straight / 'checkpoints' / 'step_3'}" in proc.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == [4, 5, 6]
+    _assert_same_steps(_losses(run_dir), _losses(straight), range(4, 7))
+    state = json.loads((run_dir / "checkpoints" / "step_6" / "heft" / "state.json").read_text())
     assert state["step"] == 6 and state["consumed_samples"] == 48
 
 

@@ -79,8 +79,8 @@ def test_replica_ranks_share_samples_and_replicas_are_disjoint(batch_dumps, layo
 
 
 def test_static_proportions_hold(batch_dumps):
-    ranks = batch_dumps["proportions/dp2"]  # 150 steps
-    assert len(ranks) == 2 and all(len(r["batches"]) == 150 for r in ranks)
+    ranks = batch_dumps["proportions/dp4"]  # 150 steps, 4 replicas
+    assert len(ranks) == 4 and all(len(r["batches"]) == 150 for r in ranks)
     domains = Counter(d for r in ranks for batch in r["batches"] for d, _ in batch)
     total = sum(domains.values())  # 150 steps x 8 samples
     for domain_id, want in {0: 0.5, 1: 0.25, 2: 0.25}.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, heft_env, read_metrics, run_heft, run_heft_side_by_side
+from conftest import heft_env, read_metrics, run_heft, run_heft_side_by_side
 
 LOGIT_TOLERANCE = 1e-4  # fp32, as the issue states; measured differences are ~3e-7
 
@@ -41,12 +41,6 @@ def in_process_model():
     os.environ.update(saved)
 
 
-def _train(config: Path, run_dir: Path, *overrides: str) -> Path:
-    run_heft(["train", str(config), f"train.run_dir={run_dir}", "model.seq_length=64",
-              "parallel.tensor=2", "parallel.pipeline=2", *overrides], timeout=600)
-    return run_dir
-
-
 @pytest.fixture(scope="module")
 def tied_run(layout_runs) -> Path:
     """Tied embeddings, GQA (4 heads, 2 groups), byte tokenizer; TP2xPP2, 2 steps, evaluated at the
@@ -55,16 +49,10 @@ def tied_run(layout_runs) -> Path:
 
 
 @pytest.fixture(scope="module")
-def untied_bpe_run(tmp_path_factory, tiny_train_config) -> Path:
-    """Untied embeddings, GQA, a trained BPE tokenizer; TP2xPP2."""
-    from heft.data.demo_corpus import demo_documents
-    from heft.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("hf_bpe")
-    prepare(demo_documents({"code": 120_000, "docs": 60_000, "legal": 60_000}), root / "data",
-            tokenizer="bpe", seq_length=64, bpe_vocab_size=400)
-    return _train(tiny_train_config, root / "run", "train.steps=1", "model.tie_embeddings=false",
-                  f"data.path={root / 'data'}")
+def untied_bpe_run(layout_runs) -> Path:
+    """Untied embeddings, GQA, a trained BPE tokenizer (conftest.bpe_corpus); TP2xPP2, 1 step
+    (trained once per session with the layout runs)."""
+    return layout_runs["hf/untied_bpe"]
 
 
 @pytest.fixture(scope="module")

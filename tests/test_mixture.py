@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REFERENCE_RUNS, heft_env, holders_of, python_in_a_fresh_process, read_metrics, run_heft
+from conftest import (REFERENCE_RUNS, heft_env, holders_of, python_in_a_fresh_process, read_metrics, run_cases_in_one_job,
+                      run_heft)
 from heft.data.config import DataConfig, DataConfigError, MixtureConfig
 from heft.data.controllers import DoReMi, OnlineDataMixing, Schedule, apply_floor, check_mixture
 from heft.data.mixer import DomainExhausted, DomainMixer, draw_step
@@ -451,17 +452,31 @@ def noise_and_easy(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("controller", ["odm", "doremi"])
-def test_online_controllers_move_weight_to_the_domain_still_learning(tmp_path, noise_and_easy, controller):
-    (tmp_path / "ref.yaml").write_text("noise: 3.0\neasy: 0.0\n")
-    run_dir = tmp_path / "run"
-    config = tmp_path / "mix.yaml"
+CONTROLLERS = ("odm", "doremi")
+
+
+@pytest.fixture(scope="module")
+def controller_runs(tmp_path_factory, noise_and_easy) -> dict[str, Path]:
+    """controller -> run directory: 24 steps on noise_and_easy, both controllers trained by heft's
+    own training loop in one single-process torchrun job (conftest.run_cases_in_one_job)."""
+    root = tmp_path_factory.mktemp("controllers")
+    (root / "ref.yaml").write_text("noise: 3.0\neasy: 0.0\n")
+    config = root / "mix.yaml"
     config.write_text(f"data: {{path: {noise_and_easy}}}\n")
-    run_heft(["train", str(config), "model.preset=tiny", "model.seq_length=32", "train.steps=24", "train.global_batch_size=16", "train.micro_batch_size=8",
-              "train.log_interval=4", f"train.run_dir={run_dir}", "optim.lr=0.01", "parallel.data=1",
-              "checkpoint.interval=0", f"mixture.controller={controller}", "mixture.update_interval=2",
-              "mixture.min_weight=0.1", f"mixture.reference={tmp_path / 'ref.yaml'}"], timeout=300)
+    cases = [{"name": controller, "config": str(config), "overrides": [
+        "model.preset=tiny", "model.seq_length=32", "train.steps=24", "train.global_batch_size=16",
+        "train.micro_batch_size=8", "train.log_interval=4", f"train.run_dir={root / controller}",
+        "optim.lr=0.01", "parallel.data=1", "checkpoint.interval=0", f"mixture.controller={controller}",
+        "mixture.update_interval=2", "mixture.min_weight=0.1", f"mixture.reference={root / 'ref.yaml'}"]}
+        for controller in CONTROLLERS]
+    run_cases_in_one_job("train_cases.py", cases, 1, root / "cases.json")
+    return {controller: root / controller for controller in CONTROLLERS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_online_controllers_move_weight_to_the_domain_still_learning(controller_runs, controller):
+    run_dir = controller_runs[controller]
     records = read_metrics(run_dir)
     noise = [r["mixture_noise_target"] for r in records]
     easy = [r["mixture_easy_target"] for r in records]

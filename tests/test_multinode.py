@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, heft_env, read_metrics, run_heft
+from conftest import REFERENCE_RUNS, REPO, heft_env, read_metrics, run_heft
 
 
 def free_port() -> int:
@@ -19,9 +19,9 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_launchers_match_one(tmp_path, tiny_train_config):
-    overrides = ["parallel.data=2", "train.steps=4", "reweight.strategy=linupper"]
-    run_heft(["train", str(tiny_train_config), *overrides, f"train.run_dir={tmp_path / 'one'}"])
+def test_two_launchers_match_one(tmp_path, tiny_train_config, layout_runs):
+    overrides = REFERENCE_RUNS["multinode/dp2_4_steps"]
+    one = layout_runs["multinode/dp2_4_steps"]  # one launcher, two processes (trained once per session)
 
     endpoint = f"127.0.0.1:{free_port()}"
     two = tmp_path / "two"
@@ -37,7 +37,7 @@ def test_two_launchers_match_one(tmp_path, tiny_train_config):
     for launcher, (out, err) in zip(launchers, outputs):
         assert launcher.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
 
-    one_losses = [r["loss"] for r in read_metrics(tmp_path / "one")]
+    one_losses = [r["loss"] for r in read_metrics(one)]
     two_losses = [r["loss"] for r in read_metrics(two)]
     assert len(two_losses) == 4
     assert two_losses == pytest.approx(one_losses, rel=1e-6, abs=1e-6)

@@ -1,10 +1,9 @@
-"""`heft plan`: per-GPU memory and FLOPs of a layout, checked against measured peaks."""
+"""`heft plan`: per-GPU memory and FLOPs of a layout (its estimate against a measured peak is
+checked by test_benchmarks.py, on the benchmark suite's memory case)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -58,16 +57,6 @@ def test_sharding_recompute_and_pipeline_move_the_estimate_the_right_way():
     assert full.activations < plain.activations / 5
     pp = estimate(m, ParallelConfig(tensor=1, pipeline=4), work)
     assert pp.microbatches_in_flight == 4 and pp.weights < plain.weights / 3
-
-
-@pytest.mark.slow
-def test_the_estimate_is_within_15_percent_of_a_measured_peak():
-    # Real training steps in a fresh process; the measured figure is the resident memory they add.
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks/memory_plan.py"), "--case", "local_fp32",
-                           "--json"], capture_output=True, text=True, timeout=600, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])["local_fp32"]
-    assert result["measured"] > 300 * 2 ** 20  # a real model, optimizer and activations were there
-    assert result["estimate"] == pytest.approx(result["measured"], rel=0.15)
 
 
 def test_foreach_adams_temporary_counts_when_it_outgrows_the_activations(capsys, tmp_path):
