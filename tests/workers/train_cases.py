@@ -44,9 +44,10 @@ def main():
     parallel.shutdown = keep_the_process_group
     try:
         for case in cases:
+            print(f"=== case {case['name']}", flush=True)  # before: a failing case is named in the log
             started = time.perf_counter()
             train(load_config(case["config"], case["overrides"]))
-            print(f"=== case {case['name']}: {time.perf_counter() - started:.1f} s", flush=True)
+            print(f"=== case {case['name']} done in {time.perf_counter() - started:.1f} s", flush=True)
     finally:
         parallel.shutdown = close_all
     close_all()
